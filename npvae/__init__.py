@@ -1,0 +1,22 @@
+"""npvae: a variational autoencoder in NumPy, every gradient written by hand.
+
+Reading order: layers -> distributions -> model -> optim -> gradcheck ->
+data -> train -> evaluate -> cli.
+"""
+from .model import VAE
+from .optim import SGD, Adam
+
+__version__ = "0.1.0"
+__all__ = ["VAE", "Adam", "SGD", "load", "log_likelihood", "__version__"]
+
+
+def __getattr__(name):
+    # Training and evaluation pull in more code; load them on first use so that
+    # `import npvae` stays fast.
+    if name == "load":
+        from .checkpoint import load
+        return load
+    if name == "log_likelihood":
+        from .evaluate import log_likelihood
+        return log_likelihood
+    raise AttributeError(f"module 'npvae' has no attribute {name!r}")

@@ -1,0 +1,380 @@
+"""The variational autoencoder: encoder q(z|x), decoder p(x|z), the ELBO and the IWAE bound.
+
+    mu, log_sigma = encode(x)                    q(z|x) = N(mu, diag(sigma^2))
+    z             = mu + sigma * eps             eps ~ N(0, I)  (reparameterization)
+    log_px_z      = log p(x|z)                   Bernoulli from logits, or Gaussian
+    kl            = KL(q(z|x) || N(0, I))        closed form
+    elbo          = log_px_z - kl                nats per example, <= log p(x)
+    loss          = -mean(elbo)                  summed over dimensions, mean over the batch
+
+With K > 1 importance samples per example the IWAE bound (Burda et al. 2015)
+replaces the ELBO:
+
+    log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)          (B, K)
+    bound = logsumexp_k(log_w) - log K
+
+Shapes: B batch, D data, H hidden, Z latent, K importance samples.
+"""
+import math
+
+import numpy as np
+from scipy.special import expit, logsumexp, softmax
+
+from . import distributions as dist
+from .layers import MLP, Dense, check_activation, init_std
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+DTYPES = ("float32", "float64")
+
+
+def _check_dtype(dtype):
+    name = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype, str)) else repr(dtype)
+    if name not in DTYPES:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return np.dtype(name)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class VAE:
+    """A VAE with MLP encoder and decoder whose gradients are written by hand.
+
+    x_dim: D; hidden: widths of the hidden layers (the decoder mirrors the
+    encoder); z_dim: Z; likelihood: "bernoulli" (decoder gives logits) or
+    "gaussian" (decoder gives a mean and, with x_sigma=None, a learned
+    input-dependent log_sigma per dimension; with x_sigma a positive float,
+    that fixed standard deviation). dtype: float32 for training, float64 for
+    gradient checks. seed: initial weights and the fallback noise generator.
+    """
+
+    def __init__(self, x_dim, hidden=(400,), z_dim=20, likelihood="bernoulli",
+                 activation="relu", dtype=np.float32, seed=0, x_sigma=None):
+        self.x_dim = _check_positive_int("x_dim", x_dim)
+        self.z_dim = _check_positive_int("z_dim", z_dim)
+        if isinstance(hidden, (int, np.integer)):
+            hidden = (hidden,)
+        self.hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
+        self.likelihood = likelihood
+        self.activation = check_activation(activation)
+        self.dtype = _check_dtype(dtype)
+        if x_sigma is not None:
+            if likelihood != "gaussian":
+                raise ValueError("x_sigma applies only to likelihood='gaussian'")
+            if not np.isfinite(x_sigma) or x_sigma <= 0:
+                raise ValueError(f"x_sigma must be a positive finite number or None, got {x_sigma!r}")
+            x_sigma = float(x_sigma)
+        self.x_sigma = x_sigma
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._build()
+
+    # --- construction ----------------------------------------------------------
+
+    @property
+    def config(self):
+        """The constructor's arguments as a JSON-friendly dict."""
+        return dict(x_dim=self.x_dim, hidden=list(self.hidden), z_dim=self.z_dim,
+                    likelihood=self.likelihood, activation=self.activation,
+                    dtype=self.dtype.name, seed=self.seed, x_sigma=self.x_sigma)
+
+    def _layer_specs(self):
+        """(name, fan_in, fan_out, activation) for every layer, encoder first."""
+        D, Z, act = self.x_dim, self.z_dim, self.activation
+        specs = []
+        widths = (D,) + self.hidden
+        for i in range(len(self.hidden)):
+            specs.append((f"enc.h{i}", widths[i], widths[i + 1], act))
+        H = widths[-1]
+        specs += [("enc.mu", H, Z, "identity"), ("enc.log_sigma", H, Z, "identity")]
+        widths = (Z,) + self.hidden[::-1]
+        for i in range(len(self.hidden)):
+            specs.append((f"dec.h{i}", widths[i], widths[i + 1], act))
+        H = widths[-1]
+        if self.likelihood == "bernoulli":
+            specs.append(("dec.logits", H, D, "identity"))
+        else:
+            specs.append(("dec.mean", H, D, "identity"))
+            if self.x_sigma is None:
+                specs.append(("dec.log_sigma", H, D, "identity"))
+        return specs
+
+    def _build(self):
+        """Allocate one flat buffer for parameters and one for gradients, and views into them."""
+        specs = self._layer_specs()
+        shapes = {}
+        for name, fan_in, fan_out, _ in specs:
+            shapes[name + ".W"] = (fan_in, fan_out)
+            shapes[name + ".b"] = (fan_out,)
+        size = sum(int(np.prod(s)) for s in shapes.values())
+        # One contiguous buffer each, so an optimizer or a checkpoint can treat
+        # all parameters as a single vector while layers see named views.
+        self.flat_params = np.zeros(size, dtype=self.dtype)
+        self.flat_grads = np.zeros(size, dtype=self.dtype)
+        self.params, self.grads = {}, {}
+        start = 0
+        for name, shape in shapes.items():
+            n = int(np.prod(shape))
+            self.params[name] = self.flat_params[start:start + n].reshape(shape)
+            self.grads[name] = self.flat_grads[start:start + n].reshape(shape)
+            start += n
+        init_rng = np.random.default_rng(self.seed)
+        layers = {}
+        for name, fan_in, fan_out, act in specs:
+            W, b = self.params[name + ".W"], self.params[name + ".b"]
+            # The hidden layers' activation sets the scale of the weights that feed it.
+            W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
+            layers[name] = Dense(W, b, self.grads[name + ".W"], self.grads[name + ".b"], act)
+        n_hidden = len(self.hidden)
+        self.encoder = MLP([layers[f"enc.h{i}"] for i in range(n_hidden)])
+        self.enc_mu, self.enc_log_sigma = layers["enc.mu"], layers["enc.log_sigma"]
+        self.decoder = MLP([layers[f"dec.h{i}"] for i in range(n_hidden)])
+        self.dec_heads = [layers[n] for n in ("dec.logits", "dec.mean", "dec.log_sigma") if n in layers]
+
+    @property
+    def n_params(self):
+        """Number of trainable scalars."""
+        return self.flat_params.size
+
+    # --- input handling --------------------------------------------------------
+
+    def _as_x(self, x, name="x"):
+        """Check x and return it as a (B, D) array of the model's dtype."""
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.x_dim:
+            raise ValueError(f"{name} must have shape (B, {self.x_dim}), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one example, got shape {x.shape}")
+        x = x.astype(self.dtype, copy=False)
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if self.likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+            raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli likelihood, "
+                             f"got values in [{x.min():g}, {x.max():g}]")
+        return x
+
+    def _as_z(self, z, name="z"):
+        z = np.asarray(z)
+        if z.dtype.kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {z.dtype}")
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"{name} must have shape (B, {self.z_dim}), got {z.shape}")
+        z = z.astype(self.dtype, copy=False)
+        if not np.all(np.isfinite(z)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return z
+
+    def _noise(self, shape, eps, rng):
+        """eps of the given shape: the caller's, or drawn from rng (else the model's own)."""
+        if eps is None:
+            rng = self.rng if rng is None else rng
+            if not isinstance(rng, np.random.Generator):
+                raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+            return rng.standard_normal(shape, dtype=self.dtype)
+        eps = np.asarray(eps)
+        if eps.shape != tuple(shape):
+            raise ValueError(f"eps must have shape {tuple(shape)}, got {eps.shape}")
+        if eps.dtype.kind != "f":
+            raise TypeError(f"eps must be a float array, got dtype {eps.dtype}")
+        eps = eps.astype(self.dtype, copy=False)
+        if not np.all(np.isfinite(eps)):
+            raise ValueError("eps contains NaN or infinite values")
+        return eps
+
+    # --- the networks ------------------------------------------------------------
+
+    def encode(self, x):
+        """x (B, D) -> mu (B, Z), log_sigma (B, Z) of q(z|x)."""
+        return self._encode(self._as_x(x))
+
+    def _encode(self, x):
+        h = self.encoder.forward(x)  # (B, H)
+        return self.enc_mu.forward(h), self.enc_log_sigma.forward(h)
+
+    def _encode_backward(self, dmu, dlog_sigma):
+        # h feeds both heads, so its gradient is the sum of the two branches.
+        dh = self.enc_mu.backward(dmu)
+        dh += self.enc_log_sigma.backward(dlog_sigma)
+        self.encoder.backward(dh, need_dx=False)
+
+    def decode(self, z):
+        """z (B, Z) -> bernoulli: logits (B, D); gaussian: (mean, log_sigma), each (B, D)."""
+        return self._decode(self._as_z(z))
+
+    def _decode(self, z):
+        h = self.decoder.forward(z)  # (B, H)
+        if self.likelihood == "bernoulli":
+            return self.dec_heads[0].forward(h)
+        mean = self.dec_heads[0].forward(h)
+        if self.x_sigma is None:
+            return mean, self.dec_heads[1].forward(h)
+        return mean, np.full_like(mean, np.log(self.x_sigma))
+
+    def _decode_backward(self, dout):
+        """Gradient w.r.t. the decoder's outputs -> gradient w.r.t. z."""
+        if self.likelihood == "bernoulli":
+            dh = self.dec_heads[0].backward(dout)
+        else:
+            dmean, dlog_sigma = dout
+            dh = self.dec_heads[0].backward(dmean)
+            if self.x_sigma is None:
+                dh += self.dec_heads[1].backward(dlog_sigma)  # h feeds both heads
+        return self.decoder.backward(dh)
+
+    def mean_px_z(self, out):
+        """Decoder output -> the mean of p(x|z), (B, D)."""
+        return expit(out) if self.likelihood == "bernoulli" else out[0]
+
+    def log_px_z(self, x, out):
+        """log p(x|z) per example, (..., D) -> (...), from the decoder's output."""
+        if self.likelihood == "bernoulli":
+            return dist.bernoulli_log_prob(x, out)
+        if self.x_sigma is not None:
+            return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma)
+        return dist.gaussian_log_prob(x, *out)
+
+    def _log_px_z_grad(self, dlog_px_z, x, out):
+        """Upstream gradient of log p(x|z) -> gradient w.r.t. the decoder's output."""
+        if self.likelihood == "bernoulli":
+            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out)
+        if self.x_sigma is not None:
+            return dist.gaussian_fixed_log_prob_grad(dlog_px_z, x, out[0], self.x_sigma), None
+        return dist.gaussian_log_prob_grad(dlog_px_z, x, *out)
+
+    # --- the ELBO (K = 1) ------------------------------------------------------------
+
+    def forward(self, x, eps):
+        """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); caches what backward needs."""
+        mu, log_sigma = self._encode(x)                 # (B, Z), (B, Z)
+        z = dist.reparameterize(mu, log_sigma, eps)     # (B, Z)
+        out = self._decode(z)                           # logits or (mean, log_sigma), (B, D)
+        log_px_z = self.log_px_z(x, out)                # (B,)
+        kl = dist.kl_standard_normal(mu, log_sigma)     # (B,)
+        self._cache = (x, eps, mu, log_sigma, out)
+        return log_px_z, kl
+
+    def backward(self, dlog_px_z, dkl):
+        """Upstream gradients (B,), (B,) -> grads dict (views of the model's buffer).
+
+        mu and log_sigma feed both z and the KL, so their gradients sum both paths.
+        """
+        x, eps, mu, log_sigma, out = self._cache
+        dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out))
+        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps)
+        dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma)
+        self._encode_backward(dmu + dmu_kl, dlog_sigma + dlog_sigma_kl)
+        return self.grads
+
+    def elbo_terms(self, x, eps=None, rng=None):
+        """x (B, D) -> (log_px_z, kl), each (B,): the ELBO's reconstruction and KL terms."""
+        x = self._as_x(x)
+        eps = self._noise((x.shape[0], self.z_dim), eps, rng)
+        return self.forward(x, eps)
+
+    def elbo(self, x, eps=None, rng=None):
+        """x (B, D) -> (B,) ELBO in nats per example; eps (B, Z) fixes the noise."""
+        log_px_z, kl = self.elbo_terms(x, eps, rng)
+        return log_px_z - kl
+
+    # --- the IWAE bound (K >= 1) -------------------------------------------------------
+
+    def forward_iwae(self, x, eps):
+        """x (B, D), eps (B, K, Z) -> bound (B,); caches what backward_iwae needs."""
+        B, K, Z = eps.shape
+        mu, log_sigma = self._encode(x)                                   # (B, Z)
+        z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)     # (B, K, Z)
+        out = self._decode(z.reshape(B * K, Z))
+        out_bk = (out.reshape(B, K, -1) if self.likelihood == "bernoulli"
+                  else tuple(o.reshape(B, K, -1) for o in out))
+        log_px_z = self.log_px_z(x[:, None, :], out_bk)                   # (B, K)
+        log_pz = dist.standard_normal_log_prob(z)                          # (B, K)
+        # log q(z|x) at z = mu + sigma*eps, written in eps so its derivative
+        # with the noise held fixed is plain: d/dlog_sigma = -1, d/dmu = 0.
+        log_qz = (-0.5 * np.sum(eps * eps, axis=-1) - np.sum(np.clip(
+            log_sigma, dist.LOG_SIGMA_MIN, dist.LOG_SIGMA_MAX), axis=-1)[:, None]
+            - 0.5 * Z * dist.LOG_2PI)                                     # (B, K)
+        log_w = log_px_z + log_pz - log_qz                                 # (B, K)
+        self._cache_iwae = (x, eps, z, log_sigma, out_bk, log_w)
+        return logsumexp(log_w, axis=1) - math.log(K)
+
+    def backward_iwae(self, dbound):
+        """Upstream gradient (B,) -> grads dict; the normalized weights carry the gradient.
+
+        Local derivative: d bound / d log_w_k = w_k / sum_j w_j (a softmax over K).
+        """
+        x, eps, z, log_sigma, out_bk, log_w = self._cache_iwae
+        B, K, Z = eps.shape
+        dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(log_w, axis=1)  # (B, K)
+        dlog_w = dlog_w.astype(self.dtype, copy=False)
+        dout_bk = self._log_px_z_grad(dlog_w, x[:, None, :], out_bk)     # (B, K, D) each
+        dout = (dout_bk.reshape(B * K, -1) if self.likelihood == "bernoulli"
+                else tuple(None if d is None else d.reshape(B * K, -1) for d in dout_bk))
+        dz = self._decode_backward(dout).reshape(B, K, Z)
+        dz -= dlog_w[..., None] * z                     # from log p(z): d/dz = -z
+        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma[:, None], eps)
+        dlog_sigma = dlog_sigma.sum(axis=1)             # (B, Z)
+        # from -log q(z|x): +1 per sample and latent dimension (inside the clip)
+        dlog_sigma += dlog_w.sum(axis=1)[:, None] * dist._in_range(log_sigma)
+        self._encode_backward(dmu.sum(axis=1), dlog_sigma)
+        return self.grads
+
+    def iwae_bound(self, x, k, eps=None, rng=None):
+        """x (B, D) -> (B,) IWAE bound with k samples; eps (B, K, Z) fixes the noise.
+
+        k = 1 gives the single-sample ELBO with a Monte Carlo KL, whose
+        expectation is elbo(x).
+        """
+        k = _check_positive_int("k", k)
+        x = self._as_x(x)
+        eps = self._noise((x.shape[0], k, self.z_dim), eps, rng)
+        return self.forward_iwae(x, eps)
+
+    # --- training interface ------------------------------------------------------------
+
+    def loss_and_grads(self, x, eps=None, rng=None, k=1, beta=1.0, copy=True):
+        """x (B, D) -> (loss, grads): loss = -mean(elbo) (k = 1) or -mean(IWAE bound) (k > 1).
+
+        eps is (B, Z) for k = 1 and (B, K, Z) for k > 1. beta weights the KL
+        term (KL warm-up, beta-VAE) and applies to k = 1 only. grads has the
+        keys and shapes of params; with copy=False they are the model's own
+        buffers, overwritten by the next call.
+        """
+        k = _check_positive_int("k", k)
+        x = self._as_x(x)
+        B = x.shape[0]
+        if k == 1:
+            eps = self._noise((B, self.z_dim), eps, rng)
+            log_px_z, kl = self.forward(x, eps)
+            loss = -np.mean(log_px_z - beta * kl)
+            # d loss / d log_px_z = -1/B, d loss / d kl = beta/B, for every example
+            self.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
+        else:
+            if beta != 1.0:
+                raise ValueError(f"beta must be 1 with the IWAE objective (k > 1), got {beta}")
+            eps = self._noise((B, k, self.z_dim), eps, rng)
+            loss = -np.mean(self.forward_iwae(x, eps))
+            self.backward_iwae(np.full(B, -1.0 / B))
+        grads = {n: g.copy() for n, g in self.grads.items()} if copy else self.grads
+        return float(loss), grads
+
+    # --- generation ---------------------------------------------------------------------
+
+    def sample(self, n, rng=None):
+        """(n, D): the mean of p(x|z) for z ~ N(0, I)."""
+        n = _check_positive_int("n", n)
+        z = self._noise((n, self.z_dim), None, rng)
+        return self.mean_px_z(self._decode(z))
+
+    def reconstruct(self, x):
+        """x (B, D) -> (B, D): the mean of p(x|z) at z = mu(x), the posterior mean."""
+        mu, _ = self.encode(x)
+        return self.mean_px_z(self._decode(mu))
