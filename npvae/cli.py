@@ -1,15 +1,69 @@
-"""The npvae command line: gradcheck, train, eval, sample, plot, bench.
+"""The npvae command line: gradcheck, train, eval, sample.
 
-Exit codes: 0 success, 1 a check failed or training stopped on a non-finite
-value, 2 bad usage or bad input (one line on stderr, no traceback).
+Exit codes: 0 success; 1 a gradient check failed or training stopped on a
+non-finite value; 2 bad usage or bad input (one line on stderr, no traceback);
+130 interrupted by Ctrl-C (after saving a checkpoint).
 """
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 class UsageError(Exception):
     """Bad input from the command line: reported in one line, exit status 2."""
 
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse prints the whole usage block; one line is easier to read in a log
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# --- argument types ---------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def nonnegative_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
+    return v
+
+
+def widths(text):
+    """'400' or '200,200' -> (400,) or (200, 200)."""
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 400 or 200,200, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 400 or 200,200, got {text!r}")
+    return values
+
+
+# --- commands -----------------------------------------------------------------------
 
 def cmd_gradcheck(args):
     from . import gradcheck
@@ -18,23 +72,181 @@ def cmd_gradcheck(args):
     return 0 if all(r[3] for r in rows) else 1
 
 
+def _default_out(dataset):
+    """runs/<dataset>, or runs/<dataset>-2, -3, ... if that already holds a run."""
+    base = Path("runs") / Path(str(dataset)).stem
+    out, i = base, 1
+    while (out / "config.json").exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+def cmd_train(args):
+    from .train import Trainer, TrainConfig, TrainingDiverged
+    if args.resume:
+        if args.out:
+            raise UsageError("--out and --resume exclude each other (a resumed run stays in its directory)")
+        trainer = Trainer.resume(args.resume, epochs=args.epochs, quiet=args.quiet, data_dir=args.data_dir)
+    else:
+        fields = {f: getattr(args, f) for f in (
+            "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
+            "x_sigma", "lr", "lr_schedule", "lr_final", "warmup", "beta", "objective", "k", "binarize",
+            "threshold", "n_valid", "patience", "seed", "dtype") if getattr(args, f) is not None}
+        if "k" in fields and fields["k"] > 1 and "objective" not in fields:
+            fields["objective"] = "iwae"
+        if args.no_init_bias:
+            fields["init_bias"] = False
+        config = TrainConfig(**fields)
+        out = Path(args.out) if args.out else _default_out(config.dataset)
+        if (out / "config.json").exists():
+            raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} "
+                             f"or choose another directory")
+        trainer = Trainer(config, out, quiet=args.quiet)
+        trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
+                    f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
+                    f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
+                    f"{trainer.model.activation}, {trainer.model.likelihood}; run directory {out}")
+    try:
+        status = trainer.run()
+    except TrainingDiverged as e:
+        print(f"npvae train: error: {e}", file=sys.stderr)
+        return 1
+    if status == "interrupted":
+        return 130
+    if not args.quiet:
+        best = max(trainer.history["valid_elbo"]) if trainer.history["valid_elbo"] else float("nan")
+        print(f"{status}: best validation ELBO {best:.3f} nats; run directory {trainer.out}")
+    return 0
+
+
+def _load_run(run, which):
+    from .checkpoint import CONFIG, load, read_json
+    run = Path(run)
+    model = load(run, which)
+    return model, read_json(run / CONFIG)
+
+
+def _test_set(run_config, data_dir, model, seed):
+    """The run's test images, binarized once with a fixed seed where the run binarized dynamically."""
+    import numpy as np
+
+    from . import data as datasets
+    from .train import TrainConfig, prepare_batch
+    train = TrainConfig.from_dict(run_config["train"])
+    data = datasets.load(train.dataset, data_dir or train.data_dir, seed=train.seed)
+    x = data.x_test
+    if x.shape[0] == 0:
+        raise UsageError(f"dataset {train.dataset} has no test split")
+    return prepare_batch(x, train, model.likelihood, data.kind, model.dtype, np.random.default_rng([seed, 4]))
+
+
+def cmd_eval(args):
+    import numpy as np
+
+    from .evaluate import elbo_stats
+    model, run_config = _load_run(args.run, args.which)
+    x = _test_set(run_config, args.data_dir, model, args.seed)
+    if args.n is not None:
+        x = x[:args.n]
+    result = elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
+              f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+    return 0
+
+
+def cmd_sample(args):
+    import numpy as np
+    model, run_config = _load_run(args.run, args.which)
+    shape = run_config["data"]["image_shape"]
+    if shape is None:
+        raise UsageError(f"run {args.run} is not on images; nothing to draw as a grid")
+    x = model.sample(args.n, rng=np.random.default_rng(args.seed))
+    out = Path(args.out) if args.out else Path(args.run) / "samples.png"
+    from .plots import save_image_grid
+    save_image_grid(x, shape, out, title=f"samples from p(x|z), z ~ N(0, I): {args.run}")
+    print(out)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npvae", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .layers import ACTIVATIONS
+    parser = ArgumentParser(prog="npvae", description="A VAE in NumPy with hand-written gradients.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
+
     p = sub.add_parser("gradcheck", help="check every analytic gradient against finite differences",
                        description="Check every analytic gradient against central finite differences "
                                    "in float64 and print a table; exit 1 if any check fails.")
     p.add_argument("--seed", type=int, default=0, help="seed for the test points (default 0)")
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("train", help="train a VAE and write a run directory",
+                       description="Train a VAE. With no arguments: the built-in shapes set, "
+                                   "written to runs/shapes.")
+    p.add_argument("--dataset", help="mnist, fashion-mnist, binarized-mnist, frey, shapes, pinwheel, "
+                                     "moons, ring, or a .npy/.npz path (default shapes)")
+    p.add_argument("--data-dir", help="folder with the datasets (default: $NPVAE_DATA, else ~/.npvae/data)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training set (default 10)")
+    p.add_argument("--batch-size", type=positive_int, help="examples per step (default 128)")
+    p.add_argument("--hidden", type=widths, help="hidden widths, e.g. 400 or 200,200 (default 400)")
+    p.add_argument("--z-dim", type=positive_int, help="latent dimensions (default 20)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default relu)")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z) (default: the dataset's)")
+    p.add_argument("--x-sigma", type=positive_float, help="fixed sigma of a Gaussian p(x|z) (default learned)")
+    p.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", choices=("constant", "exponential", "burda"), help="default constant")
+    p.add_argument("--lr-final", type=positive_float, help="last learning rate of the exponential schedule")
+    p.add_argument("--warmup", type=nonnegative_float, help="epochs of linear KL warm-up (default 0)")
+    p.add_argument("--beta", type=nonnegative_float, help="fixed KL weight (default 1)")
+    p.add_argument("--objective", choices=("elbo", "iwae"), help="training objective (default elbo)")
+    p.add_argument("--k", type=positive_int, help="importance samples for --objective iwae")
+    p.add_argument("--binarize", choices=("dynamic", "threshold", "none"),
+                   help="grey images with a Bernoulli likelihood (default dynamic)")
+    p.add_argument("--threshold", type=positive_float, help="threshold for --binarize threshold (0.5)")
+    p.add_argument("--n-valid", type=positive_int, help="validation examples held out of train")
+    p.add_argument("--patience", type=positive_int, help="early stopping: epochs without improvement")
+    p.add_argument("--no-init-bias", action="store_true", help="do not start the decoder at the data mean")
+    p.add_argument("--seed", type=int, help="seed for everything random (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
+    p.add_argument("--out", metavar="RUN", help="run directory (default runs/<dataset>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN (--epochs may extend it)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train)
+
+    for name, help_text in (("eval", "test ELBO, reconstruction and KL of a trained run"),
+                            ("sample", "draw samples of a trained run as an image grid PNG")):
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p.add_argument("run", metavar="RUN", help="run directory written by npvae train")
+        p.add_argument("--which", choices=("best", "latest"), default="best",
+                       help="best validation ELBO (default) or latest checkpoint")
+        p.add_argument("--seed", type=int, default=0, help="seed for the noise (default 0)")
+        if name == "eval":
+            p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
+            p.add_argument("--n", type=positive_int, help="evaluate only the first N test examples")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.set_defaults(func=cmd_eval)
+        else:
+            p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
+            p.add_argument("--out", help="PNG path (default RUN/samples.png)")
+            p.set_defaults(func=cmd_sample)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
     try:
         return args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"npvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"npvae {args.command}: interrupted", file=sys.stderr)
+        return 130

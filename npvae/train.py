@@ -1,0 +1,382 @@
+"""Training: minibatch Adam on the ELBO (or the IWAE bound), with checkpoints and exact resume.
+
+One TrainConfig describes a run. Trainer(config, out).run() trains and writes
+the run directory (see npvae.checkpoint); Trainer.resume(run).run() continues
+it. All randomness (validation split, shuffling, binarization, eps) comes from
+generators seeded by config.seed, and the training generator's state is saved
+in every checkpoint, so a resumed run ends bit for bit where an uninterrupted
+one would.
+"""
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import data as datasets
+from .evaluate import elbo_stats
+from .model import VAE
+from .optim import Adam
+
+OBJECTIVES = ("elbo", "iwae")
+SCHEDULES = ("constant", "exponential", "burda")
+BINARIZE = ("dynamic", "threshold", "none")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json)."""
+
+    dataset: str = "shapes"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    hidden: tuple = (400,)
+    z_dim: int = 20
+    activation: str = "relu"
+    likelihood: str | None = None     # None: the dataset's default
+    x_sigma: float | None = None      # Gaussian only: None learns log_sigma per dimension
+    lr: float = 1e-3
+    lr_schedule: str = "constant"     # constant | exponential (to lr_final) | burda (8 stages, 10^(-i/7))
+    lr_final: float = 1e-4
+    warmup: float = 0.0               # epochs over which beta rises linearly from 0 to `beta`
+    beta: float = 1.0                 # weight of the KL term (1 is the ELBO)
+    objective: str = "elbo"           # elbo | iwae
+    k: int = 1                        # importance samples per example for the IWAE objective
+    binarize: str = "dynamic"         # grey images with a Bernoulli likelihood: dynamic | threshold | none
+    threshold: float = 0.5
+    n_valid: int | None = None        # None: min(5000, 10% of train); a dataset's own split wins
+    patience: int | None = None       # stop after this many epochs without a better validation ELBO
+    init_bias: bool = True            # decoder output bias from the training data's mean
+    seed: int = 0
+    dtype: str = "float32"
+
+    def validate(self):
+        """Raise ValueError/TypeError naming the first impossible setting."""
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name in ("epochs", "batch_size", "z_dim", "k"):
+            positive_int(name)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"hidden must be one or more positive widths, got {self.hidden}")
+        for name in ("lr", "lr_final"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a non-negative number, got {self.beta!r}")
+        if not (math.isfinite(self.warmup) and self.warmup >= 0):
+            raise ValueError(f"warmup must be a non-negative number of epochs, got {self.warmup!r}")
+        for name, allowed in (("lr_schedule", SCHEDULES), ("objective", OBJECTIVES), ("binarize", BINARIZE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.objective == "elbo" and self.k != 1:
+            raise ValueError(f"k={self.k} needs objective='iwae' (the ELBO uses one sample)")
+        if self.objective == "iwae" and (self.warmup or self.beta != 1.0):
+            raise ValueError("warmup and beta apply to the ELBO objective only")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.n_valid is not None and self.n_valid < 1:
+            raise ValueError(f"n_valid must be >= 1 or None, got {self.n_valid}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        return self
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**d)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def learning_rate(config, epoch):
+    """The learning rate during epoch `epoch` (0-based)."""
+    if config.lr_schedule == "constant" or config.epochs == 1:
+        return config.lr
+    if config.lr_schedule == "exponential":
+        return config.lr * (config.lr_final / config.lr) ** (epoch / (config.epochs - 1))
+    # Burda et al. (2015): stage i = 0..7 lasts 3^i passes at lr 10^(-i/7) times
+    # the initial one (3280 passes in all); shorter runs keep the proportions.
+    ends = np.cumsum([3 ** i for i in range(8)]) / 3280.0 * config.epochs
+    stage = int(np.searchsorted(ends, epoch, side="right"))
+    return config.lr * 10.0 ** (-min(stage, 7) / 7.0)
+
+
+def kl_weight(config, epoch, step, steps_per_epoch):
+    """beta for this step: rises linearly from 0 to config.beta over config.warmup epochs."""
+    if config.warmup <= 0:
+        return config.beta
+    progress = (epoch + step / steps_per_epoch) / config.warmup
+    return config.beta * min(1.0, progress)
+
+
+class Progress:
+    """One status line per epoch, rewritten in place on a terminal, every 15 s otherwise."""
+
+    def __init__(self, total, epoch, epochs, stream=sys.stderr, quiet=False):
+        self.total, self.epoch, self.epochs, self.stream, self.quiet = total, epoch, epochs, stream, quiet
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n, elbo):
+        self.done += n
+        now = time.perf_counter()
+        if self.quiet or now - self.last < (0.5 if self.tty else 15.0):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        line = (f"epoch {self.epoch + 1}/{self.epochs} {self.done}/{self.total} "
+                f"elbo {elbo:9.3f}  {rate:7.0f} ex/s  ETA {eta:5.1f} s")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty and not self.quiet and self.last != self.start:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()
+
+
+def prepare_batch(x, config, likelihood, kind, dtype, rng):
+    """Stored rows -> model input: floats, binarized when a Bernoulli model meets grey levels."""
+    x = datasets.to_float(x, dtype)
+    if likelihood == "bernoulli" and kind == "grey":
+        if config.binarize == "dynamic":
+            return datasets.binarize(x, rng)
+        if config.binarize == "threshold":
+            return datasets.binarize(x, threshold=config.threshold)
+    return x
+
+
+def column_mean_std(x, dtype=np.float64, chunk=10000):
+    """Per-dimension mean and standard deviation of stored rows, in chunks (x may be memory-mapped)."""
+    s = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for i in range(0, x.shape[0], chunk):
+        c = datasets.to_float(x[i:i + chunk], dtype)
+        s[0][...] += c.sum(axis=0)
+        s[1][...] += (c * c).sum(axis=0)
+    mean = s[0] / x.shape[0]
+    return mean, np.sqrt(np.maximum(s[1] / x.shape[0] - mean * mean, 0.0))
+
+
+def init_output_bias(model, x):
+    """Start the decoder at the data's mean: logit(mean) for Bernoulli (Burda et al. 2015)."""
+    mean, std = column_mean_std(x)
+    if model.likelihood == "bernoulli":
+        p = np.clip(mean, 1e-3, 1 - 1e-3)
+        model.params["dec.logits.b"][...] = np.log(p) - np.log1p(-p)
+    else:
+        model.params["dec.mean.b"][...] = mean
+        if "dec.log_sigma.b" in model.params:
+            model.params["dec.log_sigma.b"][...] = np.log(np.maximum(std, 1e-2))
+
+
+HISTORY_KEYS = ("epoch", "lr", "beta", "train_elbo", "train_recon", "train_kl",
+                "valid_elbo", "valid_recon", "valid_kl", "seconds", "examples_per_s")
+
+
+class Trainer:
+    """Trains a VAE as config says and keeps its run directory up to date."""
+
+    def __init__(self, config, out, quiet=False, stream=sys.stdout):
+        self.config = config.validate()
+        self.out = Path(out)
+        self.quiet, self.stream = quiet, stream
+        self.data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
+        self.likelihood = config.likelihood or self.data.likelihood
+        n = self.data.x_train.shape[0]
+        n_valid = config.n_valid if config.n_valid is not None else max(1, min(5000, n // 10))
+        self.x_train, self.y_train, self.x_valid, self.y_valid = datasets.split_validation(
+            self.data, n_valid, config.seed)
+        if config.batch_size > self.x_train.shape[0]:
+            raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
+                             f"({self.x_train.shape[0]} examples)")
+        if self.likelihood == "bernoulli" and self.data.kind == "real":
+            lo, hi = float(np.min(self.x_train)), float(np.max(self.x_train))
+            if lo < 0 or hi > 1:
+                raise ValueError(f"likelihood 'bernoulli' needs data in [0, 1]; {config.dataset} "
+                                 f"has values in [{lo:g}, {hi:g}] (use --likelihood gaussian)")
+        self.model = VAE(self.data.dim, config.hidden, config.z_dim, likelihood=self.likelihood,
+                         activation=config.activation, dtype=np.dtype(config.dtype),
+                         seed=config.seed, x_sigma=config.x_sigma)
+        if config.init_bias:
+            init_output_bias(self.model, self.x_train)
+        self.optimizer = Adam(self.model.params, lr=config.lr)
+        self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
+        # The validation set is binarized once, and scored with the same eps
+        # every epoch, so that epochs are compared on equal terms.
+        self.valid = prepare_batch(self.x_valid, config, self.likelihood, self.data.kind,
+                                   self.model.dtype, np.random.default_rng([config.seed, 2]))
+        self.epoch, self.step = 0, 0
+        self.history = {k: [] for k in HISTORY_KEYS}
+        self.perm, self.sums = None, np.zeros(3)  # an interrupted epoch's order and running sums
+        self._interrupted = False
+
+    # --- run directory --------------------------------------------------------------
+
+    def run_config(self):
+        """What goes into config.json."""
+        return {"train": self.config.to_dict(), "model": self.model.config,
+                "data": {"name": self.data.name, "kind": self.data.kind, "dim": self.data.dim,
+                         "image_shape": list(self.data.image_shape) if self.data.image_shape else None,
+                         "n_train": int(self.x_train.shape[0]), "n_valid": int(self.x_valid.shape[0]),
+                         "n_test": int(self.data.x_test.shape[0])}}
+
+    def save(self, path):
+        extra = {}
+        if self.perm is not None:
+            extra = {"perm": self.perm, "sums": self.sums}
+        ckpt.save_state(path, self.model, self.optimizer, self.rng, self.epoch, self.step,
+                        self.history, extra)
+
+    @classmethod
+    def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None):
+        """A Trainer in the state of run/checkpoint.npz; epochs may extend the run."""
+        run = Path(run)
+        if not (run / ckpt.CONFIG).is_file():
+            raise FileNotFoundError(f"{run} is not a run directory (no {ckpt.CONFIG})")
+        saved = ckpt.read_json(run / ckpt.CONFIG)
+        config = TrainConfig.from_dict(saved["train"])
+        if epochs is not None:
+            config.epochs = epochs
+        if data_dir is not None:
+            config.data_dir = str(data_dir)
+        state = ckpt.read_state(run / ckpt.LATEST)
+        trainer = cls(config, run, quiet=quiet, stream=stream)
+        path = run / ckpt.LATEST
+        ckpt.restore_params(trainer.model, state, path)
+        trainer.optimizer.load_state_dict(ckpt.optimizer_state_of(state))
+        trainer.rng = ckpt.restore_rng(state, path)
+        trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
+        history = ckpt.history_of(state)
+        trainer.history = {k: history.get(k, []) for k in HISTORY_KEYS}
+        if "extra/perm" in state:
+            trainer.perm, trainer.sums = state["extra/perm"], state["extra/sums"].astype(np.float64)
+        return trainer
+
+    # --- training -----------------------------------------------------------------------
+
+    def log(self, message):
+        if not self.quiet:
+            print(message, file=self.stream, flush=True)
+
+    def _on_sigint(self, signum, frame):
+        # Finish the current step, then save: a half-applied Adam step would
+        # make the checkpoint match no real point of the run.
+        self._interrupted = True
+
+    def run(self):
+        """Train until config.epochs (or early stopping); returns 'done', 'stopped early' or 'interrupted'."""
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(self.out / ckpt.CONFIG, self.run_config())
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C handling stays as it was
+            previous = None
+        try:
+            while self.epoch < c.epochs:
+                if self._stop_early():
+                    self.log(f"stopping early: no better validation ELBO for {c.patience} epochs")
+                    return "stopped early"
+                if not self._train_epoch():
+                    self.save(self.out / ckpt.LATEST)
+                    self.log(f"interrupted in epoch {self.epoch + 1} at step {self.step}; saved "
+                             f"{self.out / ckpt.LATEST}; continue with: npvae train --resume {self.out}")
+                    return "interrupted"
+            return "done"
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop_early(self):
+        v = self.history["valid_elbo"]
+        if self.config.patience is None or len(v) <= self.config.patience:
+            return False
+        return int(np.argmax(v)) < len(v) - self.config.patience
+
+    def _train_epoch(self):
+        """One pass over the training set; False if interrupted (state is saved by the caller)."""
+        c, model, opt = self.config, self.model, self.optimizer
+        n = self.x_train.shape[0]
+        steps = math.ceil(n / c.batch_size)
+        if self.perm is None:
+            self.perm, self.sums, self.step = self.rng.permutation(n), np.zeros(3), 0
+        opt.lr = learning_rate(c, self.epoch)
+        progress = Progress(n, self.epoch, c.epochs, quiet=self.quiet)
+        start = time.perf_counter()
+        done_before = min(self.step * c.batch_size, n)
+        while self.step < steps:
+            if self._interrupted:
+                progress.close()
+                return False
+            idx = self.perm[self.step * c.batch_size:(self.step + 1) * c.batch_size]
+            x = prepare_batch(self.x_train[idx], c, self.likelihood, self.data.kind, model.dtype, self.rng)
+            B = x.shape[0]
+            beta = kl_weight(c, self.epoch, self.step, steps)
+            if c.objective == "elbo":
+                eps = self.rng.standard_normal((B, model.z_dim), dtype=model.dtype)
+                log_px_z, kl = model.forward(x, eps)
+                # loss = -mean(log_px_z - beta * kl)
+                model.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
+                batch = (np.sum(log_px_z, dtype=np.float64), np.sum(kl, dtype=np.float64))
+            else:
+                eps = self.rng.standard_normal((B, c.k, model.z_dim), dtype=model.dtype)
+                bound = model.forward_iwae(x, eps)
+                model.backward_iwae(np.full(B, -1.0 / B))
+                batch = (np.sum(bound, dtype=np.float64), 0.0)
+            g2 = float(np.dot(model.flat_grads, model.flat_grads))
+            if not (math.isfinite(batch[0]) and math.isfinite(batch[1]) and math.isfinite(g2)):
+                progress.close()
+                raise TrainingDiverged(
+                    f"non-finite {'loss' if math.isfinite(g2) else 'gradient'} in epoch {self.epoch + 1}, "
+                    f"step {self.step + 1}; the last good checkpoint is {self.out / ckpt.LATEST}")
+            opt.step(model.grads)
+            self.sums += batch[0], batch[1], B
+            self.step += 1
+            progress.update(B, (self.sums[0] - self.sums[1]) / self.sums[2])
+        progress.close()
+        seconds = time.perf_counter() - start
+        self._end_epoch(seconds, (n - done_before) / max(seconds, 1e-9), kl_weight(c, self.epoch, steps, steps))
+        return True
+
+    def _end_epoch(self, seconds, rate, beta):
+        c = self.config
+        recon, kl = self.sums[0] / self.sums[2], self.sums[1] / self.sums[2]
+        valid = elbo_stats(self.model, self.valid, np.random.default_rng([c.seed, 3]))
+        row = dict(epoch=self.epoch + 1, lr=self.optimizer.lr, beta=beta, train_elbo=recon - kl,
+                   train_recon=recon, train_kl=kl, valid_elbo=valid["elbo"], valid_recon=valid["recon"],
+                   valid_kl=valid["kl"], seconds=seconds, examples_per_s=rate)
+        for k in HISTORY_KEYS:
+            self.history[k].append(float(row[k]))
+        self.epoch, self.step, self.perm = self.epoch + 1, 0, None
+        is_best = valid["elbo"] >= max(self.history["valid_elbo"])
+        self.save(self.out / ckpt.LATEST)
+        if is_best:
+            self.save(self.out / ckpt.BEST)
+        what = "bound" if c.objective == "iwae" else "elbo"
+        self.log(f"epoch {self.epoch:3d}/{c.epochs}  train {what} {row['train_elbo']:9.3f} "
+                 f"(recon {recon:9.3f}, kl {kl:7.3f})  valid elbo {valid['elbo']:9.3f}  "
+                 f"lr {row['lr']:.2e}  {seconds:6.1f} s  {rate:6.0f} ex/s{'  *' if is_best else ''}")
