@@ -92,7 +92,7 @@ def cmd_train(args):
         fields = {f: getattr(args, f) for f in (
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
             "x_sigma", "lr", "lr_schedule", "lr_final", "warmup", "beta", "objective", "k", "binarize",
-            "threshold", "n_valid", "patience", "seed", "dtype") if getattr(args, f) is not None}
+            "threshold", "n_valid", "n_train", "patience", "seed", "dtype") if getattr(args, f) is not None}
         if "k" in fields and fields["k"] > 1 and "objective" not in fields:
             fields["objective"] = "iwae"
         if args.no_init_bias:
@@ -210,6 +210,7 @@ def build_parser():
                    help="grey images with a Bernoulli likelihood (default dynamic)")
     p.add_argument("--threshold", type=positive_float, help="threshold for --binarize threshold (0.5)")
     p.add_argument("--n-valid", type=positive_int, help="validation examples held out of train")
+    p.add_argument("--n-train", type=positive_int, help="use only the first N training examples")
     p.add_argument("--patience", type=positive_int, help="early stopping: epochs without improvement")
     p.add_argument("--no-init-bias", action="store_true", help="do not start the decoder at the data mean")
     p.add_argument("--seed", type=int, help="seed for everything random (default 0)")

@@ -134,10 +134,19 @@ def check_gaussian_fixed(rng, B=4, D=5, sigma=0.7):
 
 
 def small_model(likelihood, activation, seed, x_sigma=None, D=6, hidden=(5, 4), Z=3):
-    """A float64 VAE small enough to check every entry."""
+    """A float64 VAE small enough to check every entry, at a generic point.
+
+    The initial log_sigma heads have zero weights, where the KL's gradient with
+    respect to them is exactly 0 and only rounding noise is left to compare;
+    small random weights and biases everywhere make every gradient entry real.
+    """
     from .model import VAE
-    return VAE(D, hidden, Z, likelihood=likelihood, activation=activation,
-               dtype=np.float64, seed=seed, x_sigma=x_sigma)
+    model = VAE(D, hidden, Z, likelihood=likelihood, activation=activation,
+                dtype=np.float64, seed=seed, x_sigma=x_sigma)
+    rng = np.random.default_rng(seed)
+    for name, p in model.params.items():
+        p += 0.1 * rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
+    return model
 
 
 def model_data(model, rng, B=4):

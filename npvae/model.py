@@ -130,7 +130,12 @@ class VAE:
         for name, fan_in, fan_out, act in specs:
             W, b = self.params[name + ".W"], self.params[name + ".b"]
             # The hidden layers' activation sets the scale of the weights that feed it.
-            W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
+            # log_sigma heads start with zero weights, so every sigma starts at
+            # exp(bias) whatever the input: a random head would put some sigmas
+            # near e^-10 at step one, where (x - mean)^2 / sigma^2 makes the
+            # first gradients overflow. (The bias and the data still break symmetry.)
+            if not name.endswith("log_sigma"):
+                W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
             layers[name] = Dense(W, b, self.grads[name + ".W"], self.grads[name + ".b"], act)
         n_hidden = len(self.hidden)
         self.encoder = MLP([layers[f"enc.h{i}"] for i in range(n_hidden)])

@@ -50,6 +50,7 @@ class TrainConfig:
     binarize: str = "dynamic"         # grey images with a Bernoulli likelihood: dynamic | threshold | none
     threshold: float = 0.5
     n_valid: int | None = None        # None: min(5000, 10% of train); a dataset's own split wins
+    n_train: int | None = None        # use only the first n_train training examples (quick runs)
     patience: int | None = None       # stop after this many epochs without a better validation ELBO
     init_bias: bool = True            # decoder output bias from the training data's mean
     seed: int = 0
@@ -85,8 +86,10 @@ class TrainConfig:
             raise ValueError("warmup and beta apply to the ELBO objective only")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
-        if self.n_valid is not None and self.n_valid < 1:
-            raise ValueError(f"n_valid must be >= 1 or None, got {self.n_valid}")
+        for name in ("n_valid", "n_train"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         return self
@@ -209,6 +212,9 @@ class Trainer:
         n_valid = config.n_valid if config.n_valid is not None else max(1, min(5000, n // 10))
         self.x_train, self.y_train, self.x_valid, self.y_valid = datasets.split_validation(
             self.data, n_valid, config.seed)
+        if config.n_train is not None:
+            self.x_train = self.x_train[:config.n_train]
+            self.y_train = None if self.y_train is None else self.y_train[:config.n_train]
         if config.batch_size > self.x_train.shape[0]:
             raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
                              f"({self.x_train.shape[0]} examples)")

@@ -1,0 +1,315 @@
+"""Training, checkpoints, resume and the command line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import npvae
+from npvae import checkpoint as ckpt
+from npvae.cli import main
+from npvae.train import TrainConfig, Trainer, kl_weight, learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_dir():
+    """NPVAE_DATA if set (CI sets it), else ../shared/data next to the repository, else None."""
+    for d in (os.environ.get("NPVAE_DATA"), REPO.parent / "shared" / "data"):
+        if d and (Path(d) / "mnist").is_dir():
+            return str(Path(d).resolve())
+    return None
+
+
+def tiny(**kw):
+    """A configuration that trains in well under a second."""
+    base = dict(dataset="shapes", epochs=2, batch_size=50, hidden=(32,), z_dim=4, n_train=600,
+                n_valid=200, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params_of(run, which="latest"):
+    state = ckpt.read_state(Path(run) / (ckpt.LATEST if which == "latest" else ckpt.BEST))
+    return {k: v for k, v in state.items() if k.startswith("params/")}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+# --- schedules -------------------------------------------------------------------------
+
+def test_burda_schedule_matches_the_paper_at_3280_epochs():
+    c = TrainConfig(epochs=3280, lr_schedule="burda", lr=1e-3)
+    # stage i covers epochs [sum_{j<i} 3^j, sum_{j<=i} 3^j) at 1e-3 * 10^(-i/7)
+    starts = np.concatenate([[0], np.cumsum([3 ** i for i in range(8)])])
+    for i in range(8):
+        for e in (starts[i], starts[i + 1] - 1):
+            assert learning_rate(c, e) == pytest.approx(1e-3 * 10 ** (-i / 7))
+    assert learning_rate(c, 3279) == pytest.approx(1e-4)
+
+
+def test_exponential_schedule_and_warmup():
+    c = TrainConfig(epochs=5, lr_schedule="exponential", lr=1e-2, lr_final=1e-4)
+    assert [learning_rate(c, e) for e in range(5)] == pytest.approx([1e-2, 10 ** -2.5, 1e-3, 10 ** -3.5, 1e-4])
+    w = TrainConfig(warmup=2.0, beta=0.5)
+    assert kl_weight(w, 0, 0, 10) == 0.0
+    assert kl_weight(w, 1, 0, 10) == pytest.approx(0.25)   # halfway through the warm-up
+    assert kl_weight(w, 1, 5, 10) == pytest.approx(0.375)
+    assert kl_weight(w, 3, 0, 10) == 0.5                   # then the fixed beta
+    assert kl_weight(TrainConfig(beta=0.7), 0, 0, 10) == 0.7
+
+
+# --- training -------------------------------------------------------------------------
+
+def test_training_improves_the_validation_elbo_and_writes_the_run(tmp_path):
+    t = Trainer(tiny(epochs=4), tmp_path / "run", quiet=True)
+    assert t.run() == "done"
+    v = t.history["valid_elbo"]
+    assert len(v) == 4 and v[-1] > v[0] + 5.0
+    for name in ("config.json", "checkpoint.npz", "best.npz"):
+        assert (tmp_path / "run" / name).is_file()
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["z_dim"] == 4 and cfg["model"]["hidden"] == [32]
+    model = npvae.load(tmp_path / "run")
+    assert isinstance(model, npvae.VAE) and model.z_dim == 4
+    # best.npz is the epoch with the best validation ELBO
+    best = int(np.argmax(v))
+    assert int(ckpt.read_state(tmp_path / "run" / "best.npz")["epoch"]) == best + 1
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path):
+    for name in ("a", "b"):
+        Trainer(tiny(), tmp_path / name, quiet=True).run()
+    assert_identical(params_of(tmp_path / "a"), params_of(tmp_path / "b"))
+    Trainer(tiny(seed=4), tmp_path / "c", quiet=True).run()
+    assert not np.array_equal(params_of(tmp_path / "a")["params/dec.h0.W"],
+                              params_of(tmp_path / "c")["params/dec.h0.W"])
+
+
+def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path):
+    Trainer(tiny(epochs=4), tmp_path / "full", quiet=True).run()
+    Trainer(tiny(epochs=2), tmp_path / "part", quiet=True).run()
+    t = Trainer.resume(tmp_path / "part", epochs=4, quiet=True)
+    assert t.epoch == 2 and len(t.history["valid_elbo"]) == 2
+    t.run()
+    assert t.history["epoch"] == [1.0, 2.0, 3.0, 4.0]
+    assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "part"))
+    full = ckpt.read_state(tmp_path / "full" / "checkpoint.npz")
+    part = ckpt.read_state(tmp_path / "part" / "checkpoint.npz")
+    for k in full:
+        if k.startswith(("optimizer/", "history/valid")):
+            assert np.array_equal(full[k], part[k]), k
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
+    Trainer(tiny(epochs=3), tmp_path / "full", quiet=True).run()
+    t = Trainer(tiny(epochs=3), tmp_path / "cut", quiet=True)
+    original = t.optimizer.step
+    calls = []
+
+    def step_then_interrupt(grads):
+        original(grads)
+        calls.append(1)
+        if len(calls) == 17:   # in the middle of the second epoch (12 steps per epoch)
+            t._on_sigint(signal.SIGINT, None)
+    t.optimizer.step = step_then_interrupt
+    assert t.run() == "interrupted"
+    state = ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")
+    assert int(state["epoch"]) == 1 and int(state["step"]) == 5 and "extra/perm" in state
+    Trainer.resume(tmp_path / "cut", quiet=True).run()
+    assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
+
+
+def test_early_stopping(tmp_path):
+    t = Trainer(tiny(epochs=50, patience=1, lr=0.05), tmp_path / "r", quiet=True)
+    t.history["valid_elbo"] = [-10.0, -11.0]
+    assert t._stop_early()
+    t.history["valid_elbo"] = [-10.0, -9.0]
+    assert not t._stop_early()
+
+
+def test_iwae_objective_trains(tmp_path):
+    t = Trainer(tiny(objective="iwae", k=3, epochs=3), tmp_path / "r", quiet=True)
+    t.run()
+    assert t.history["valid_elbo"][-1] > t.history["valid_elbo"][0]
+
+
+def test_gaussian_toy_training(tmp_path):
+    t = Trainer(TrainConfig(dataset="ring", epochs=3, batch_size=100, hidden=(32,), z_dim=2, n_train=2000,
+                            n_valid=500, activation="tanh"), tmp_path / "r", quiet=True)
+    t.run()
+    assert t.model.likelihood == "gaussian"
+    assert t.history["valid_elbo"][-1] > t.history["valid_elbo"][0]
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
+    from npvae.train import TrainingDiverged
+    t = Trainer(tiny(epochs=3), tmp_path / "r", quiet=True)
+    t.config.epochs = 1
+    t.run()
+    before = params_of(tmp_path / "r")
+    t.config.epochs = 3
+    t.model.params["dec.h0.W"][0, 0] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1"):
+        t.run()
+    assert_identical(before, params_of(tmp_path / "r"))
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    t = Trainer(tiny(epochs=1), tmp_path / "r", quiet=True)
+    t.run()
+    path = tmp_path / "r" / "checkpoint.npz"
+    before = path.read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError):
+        t.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle"])
+def test_corrupt_checkpoints_are_refused(tmp_path, damage):
+    t = Trainer(tiny(epochs=1), tmp_path / "r", quiet=True)
+    t.run()
+    path = tmp_path / "r" / "best.npz"
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 100)
+    else:
+        np.savez(path, format_version=np.int64(1), model_config=np.array([{"x": 1}], dtype=object),
+                 epoch=np.int64(0), step=np.int64(0))
+    with pytest.raises(ValueError, match=str(path.name)):
+        npvae.load(tmp_path / "r")
+
+
+def test_mismatched_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    Trainer(tiny(epochs=1), tmp_path / "r", quiet=True).run()
+    state = ckpt.read_state(tmp_path / "r" / "best.npz")
+    other = npvae.VAE(784, (33,), 4)
+    before = other.flat_params.copy()
+    with pytest.raises(ckpt.CheckpointError, match="hidden"):
+        ckpt.restore_params(other, state)
+    assert np.array_equal(before, other.flat_params)
+    other64 = npvae.VAE(784, (32,), 4, dtype=np.float64)
+    with pytest.raises(ckpt.CheckpointError, match="dtype"):
+        ckpt.restore_params(other64, state)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def run_cli(*args, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", "npvae", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "gradcheck"])
+def test_help(command):
+    r = run_cli(command, "--help")
+    assert r.returncode == 0 and "usage: npvae " + command in r.stdout
+
+
+def test_cli_train_eval_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "shapes", "--epochs", "1", "--hidden", "32", "--z-dim", "3",
+                 "--batch-size", "50", "--n-train", "500", "--n-valid", "100", "--out", str(run),
+                 "--quiet"]) == 0
+    assert main(["eval", str(run), "--json", "--n", "300"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"elbo", "recon", "kl", "n"} <= result.keys() and result["n"] == 300
+    assert result["elbo"] == pytest.approx(result["recon"] - result["kl"])
+    assert main(["sample", str(run), "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    # the same --out again would overwrite a run: refused, exit 2, one line
+    assert main(["train", "--out", str(run), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0]
+    # --resume extends it
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert int(ckpt.read_state(run / "checkpoint.npz")["epoch"]) == 2
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    r = run_cli("train", "--dataset", "nope", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+    r = run_cli("train", "--batch-size", "0")
+    assert r.returncode == 2 and "--batch-size" in r.stderr
+    r = run_cli("eval", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "npvae", "train", "--epochs", "1000", "--hidden", "32",
+                          "--z-dim", "3", "--n-train", "2000", "--n-valid", "100", "--out", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (run / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in out
+    state = ckpt.read_state(run / "checkpoint.npz")
+    assert int(state["epoch"]) >= 1
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["--epochs", "6", "--hidden", "32", "--z-dim", "3", "--n-train", "3000", "--n-valid", "200",
+            "--batch-size", "50", "--quiet"]
+    assert run_cli("train", *args, "--out", str(tmp_path / "full")).returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "npvae", "train", *args, "--out", str(tmp_path / "cut")])
+    deadline = time.time() + 60
+    while not (tmp_path / "cut" / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later epoch, possibly mid-write
+    p.kill()
+    p.wait()
+    r = run_cli("train", "--resume", str(tmp_path / "cut"))
+    assert r.returncode == 0, r.stderr
+    assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
+    assert_identical(params_of(tmp_path / "full", "best"), params_of(tmp_path / "cut", "best"))
+
+
+# --- real data ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir():
+    d = real_data_dir()
+    if d is None:
+        pytest.skip("real datasets not found: set NPVAE_DATA to a folder holding mnist/ (see README)")
+    return d
+
+
+def test_short_mnist_run_improves(tmp_path, data_dir):
+    t = Trainer(TrainConfig(dataset="mnist", data_dir=data_dir, epochs=2, n_train=6000, n_valid=1000,
+                            hidden=(100,), z_dim=10), tmp_path / "m", quiet=True)
+    assert t.data.kind == "grey" and t.likelihood == "bernoulli"
+    t.run()
+    v = t.history["valid_elbo"]
+    assert v[1] > v[0] and -250 < v[1] < -100
+
+
+def test_frey_gaussian_run_improves(tmp_path, data_dir):
+    t = Trainer(TrainConfig(dataset="frey", data_dir=data_dir, epochs=3, batch_size=100, hidden=(64,),
+                            z_dim=2, n_valid=200), tmp_path / "f", quiet=True)
+    assert t.likelihood == "gaussian"
+    t.run()
+    v = t.history["valid_elbo"]
+    assert v[-1] > v[0]
