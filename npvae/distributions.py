@@ -11,6 +11,8 @@ Conventions used everywhere in npvae:
 
 Shapes: B batch (or batch x K importance samples), D data, Z latent.
 """
+import math
+
 import numpy as np
 from scipy.special import expit
 
@@ -134,7 +136,7 @@ def gaussian_log_prob_grad(dlogp, x, mu, log_sigma):
 def gaussian_fixed_log_prob(x, mu, sigma):
     """log N(x; mu, sigma^2 I) per example with a fixed scalar sigma: (B, D) each -> (B,)."""
     r = (x - mu) / sigma
-    return np.sum(-0.5 * r * r, axis=-1) - x.shape[-1] * (0.5 * LOG_2PI + np.log(sigma))
+    return np.sum(-0.5 * r * r, axis=-1) - x.shape[-1] * (0.5 * LOG_2PI + math.log(sigma))
 
 
 def gaussian_fixed_log_prob_grad(dlogp, x, mu, sigma):

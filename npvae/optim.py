@@ -26,8 +26,27 @@ def _check_rate(name, value, low, high, low_open=True, high_open=True):
     return float(value)
 
 
+def flat_buffer(arrays):
+    """The 1-D array that `arrays` tile in order with no gaps (e.g. a VAE's flat_params), or None."""
+    arrays = list(arrays)
+    base = arrays[0].base
+    if not isinstance(base, np.ndarray) or base.ndim != 1 or not base.flags.c_contiguous:
+        return None
+    address = base.__array_interface__["data"][0]
+    for a in arrays:
+        if a.base is not base or not a.flags.c_contiguous or a.__array_interface__["data"][0] != address:
+            return None
+        address += a.nbytes
+    return base if address == base.__array_interface__["data"][0] + base.nbytes else None
+
+
 class Optimizer:
-    """Shared bookkeeping: the params dict, the step count and per-name state arrays."""
+    """Shared bookkeeping: the params dict, the step count and per-name state arrays.
+
+    When the parameters are views that tile one flat buffer (as a VAE's are),
+    the state is laid out the same way and a step updates whole buffers at
+    once: the same arithmetic as per array, in a few large NumPy calls.
+    """
 
     state_names = ()
 
@@ -35,8 +54,20 @@ class Optimizer:
         self.params = _check_params(params)
         self.lr = _check_rate("lr", lr, 0.0, np.inf)
         self.t = 0
-        # one zero-initialized array per state name and parameter, e.g. self.state["m"]["enc.h0.W"]
-        self.state = {s: {n: np.zeros_like(p) for n, p in params.items()} for s in self.state_names}
+        self._flat = flat_buffer(params.values())
+        # one zero-initialized array per state name and parameter, e.g. self.state["m"]["enc.h0.W"],
+        # views into one flat buffer per state name where the parameters have one
+        self.state, self._flat_state = {}, {}
+        for s in self.state_names:
+            if self._flat is None:
+                self.state[s] = {n: np.zeros_like(p) for n, p in params.items()}
+                continue
+            buffer = self._flat_state[s] = np.zeros_like(self._flat)
+            self.state[s], start = {}, 0
+            for n, p in params.items():
+                self.state[s][n] = buffer[start:start + p.size].reshape(p.shape)
+                start += p.size
+        self._tmp = {}
 
     def _check_grads(self, grads):
         if not isinstance(grads, dict) or grads.keys() != self.params.keys():
@@ -45,12 +76,29 @@ class Optimizer:
             if np.shape(g) != self.params[n].shape:
                 raise ValueError(f"grads[{n!r}] must have shape {self.params[n].shape}, got {np.shape(g)}")
 
+    def _scratch(self, key, like):
+        tmp = self._tmp.get(key)
+        if tmp is None:
+            tmp = self._tmp[key] = np.empty_like(like)
+        return tmp
+
     def step(self, grads):
         """Apply one update to every parameter from grads (same keys and shapes as params)."""
         self._check_grads(grads)
         self.t += 1
+        self._begin_step()
+        flat_grads = None if self._flat is None else flat_buffer(grads.values())
+        if flat_grads is not None:
+            states = [self._flat_state[s] for s in self.state_names]
+            self._update(self._flat, flat_grads, *states, self._scratch(None, self._flat))
+            return
         for name, p in self.params.items():
-            self._update(name, p, grads[name])
+            states = [self.state[s][name] for s in self.state_names]
+            g = np.asarray(grads[name], dtype=p.dtype)
+            self._update(p, g, *states, self._scratch(name, p))
+
+    def _begin_step(self):
+        """Per-step scalars (e.g. bias corrections), computed once before the updates."""
 
     def state_dict(self):
         """{'t': step count, 'lr': ..., '<state>/<param name>': array} as plain arrays (no pickle)."""
@@ -70,7 +118,11 @@ class Optimizer:
                 v = np.asarray(state[key])
                 if v.shape != a.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {v.shape}, expected {a.shape}")
-                a[...] = v
+                if not np.all(np.isfinite(v)):
+                    raise ValueError(f"optimizer state {key!r} holds NaN or infinite values")
+        for s, arrays in self.state.items():
+            for n, a in arrays.items():
+                a[...] = state[f"{s}/{n}"]
         self.t = int(state["t"])
         self.lr = _check_rate("lr", float(state["lr"]), 0.0, np.inf)
 
@@ -87,11 +139,11 @@ class SGD(Optimizer):
         self.momentum = _check_rate("momentum", momentum, 0.0, 1.0, low_open=False)
         super().__init__(params, lr)
 
-    def _update(self, name, p, g):
-        v = self.state["velocity"][name]
-        v *= self.momentum
-        v += g
-        p -= self.lr * v
+    def _update(self, p, g, velocity, tmp):
+        velocity *= self.momentum
+        velocity += g
+        np.multiply(velocity, self.lr, out=tmp)
+        p -= tmp
 
 
 class Adam(Optimizer):
@@ -112,33 +164,26 @@ class Adam(Optimizer):
         self.beta2 = _check_rate("beta2", beta2, 0.0, 1.0, low_open=False)
         self.eps = _check_rate("eps", eps, 0.0, np.inf)
         super().__init__(params, lr)
-        self._tmp = {}
 
-    def step(self, grads):
-        self._check_grads(grads)
-        self.t += 1
-        # Bias corrections are scalars, so they are applied to the step size
-        # and to v_hat once per step rather than to every m and v entry.
-        self._c1 = 1.0 - self.beta1 ** self.t
+    def _begin_step(self):
+        self._c1 = 1.0 - self.beta1 ** self.t   # bias corrections
         self._c2 = 1.0 - self.beta2 ** self.t
-        for name, p in self.params.items():
-            self._update(name, p, grads[name])
 
-    def _update(self, name, p, g):
-        m, v = self.state["m"][name], self.state["v"][name]
-        tmp = self._tmp.get(name)
-        if tmp is None:
-            tmp = self._tmp[name] = np.empty_like(p)
-        m *= self.beta1
-        np.multiply(g, 1.0 - self.beta1, out=tmp)
+    def _update(self, p, g, m, v, tmp):
+        # m += (1 - beta1)(g - m) is beta1 m + (1 - beta1) g in three passes
+        # without a second temporary; likewise for v.
+        np.subtract(g, m, out=tmp)
+        tmp *= 1.0 - self.beta1
         m += tmp
-        v *= self.beta2
         np.multiply(g, g, out=tmp)
+        tmp -= v
         tmp *= 1.0 - self.beta2
         v += tmp
-        np.multiply(v, 1.0 / self._c2, out=tmp)     # v_hat
-        np.sqrt(tmp, out=tmp)
-        tmp += self.eps                              # eps outside the square root
+        # sqrt(v_hat) + eps = (sqrt(v) + eps sqrt(c2)) / sqrt(c2), so
+        # lr m_hat / (sqrt(v_hat) + eps) = (lr sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)):
+        # the bias corrections become two scalars instead of two passes.
+        np.sqrt(v, out=tmp)
+        tmp += self.eps * np.sqrt(self._c2)
         np.divide(m, tmp, out=tmp)
-        tmp *= self.lr / self._c1                   # lr * m_hat / (sqrt(v_hat) + eps)
+        tmp *= self.lr * np.sqrt(self._c2) / self._c1
         p -= tmp

@@ -163,13 +163,44 @@ class Progress:
 
 def prepare_batch(x, config, likelihood, kind, dtype, rng):
     """Stored rows -> model input: floats, binarized when a Bernoulli model meets grey levels."""
-    x = datasets.to_float(x, dtype)
-    if likelihood == "bernoulli" and kind == "grey":
-        if config.binarize == "dynamic":
-            return datasets.binarize(x, rng)
-        if config.binarize == "threshold":
-            return datasets.binarize(x, threshold=config.threshold)
-    return x
+    return make_prepare(config.binarize, config.threshold, likelihood, kind, dtype)(x, rng)
+
+
+def make_prepare(binarize, threshold, likelihood, kind, dtype):
+    """A function (stored rows, rng) -> model input (B, D) of the given dtype."""
+    if likelihood == "bernoulli" and kind == "grey" and binarize == "dynamic":
+        return lambda x, rng: datasets.binarize(datasets.to_float(x, dtype), rng)
+    if likelihood == "bernoulli" and kind == "grey" and binarize == "threshold":
+        return lambda x, rng: datasets.binarize(datasets.to_float(x, dtype), threshold=threshold)
+    return lambda x, rng: datasets.to_float(x, dtype)
+
+
+def make_step(model, optimizer, prepare, objective="elbo", k=1):
+    """A function (stored rows, beta, rng) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
+
+    One optimizer step on one minibatch: the whole hot path of training.
+    """
+    Z = model.z_dim
+
+    def step(rows, beta, rng):
+        x = prepare(rows, rng)
+        B = x.shape[0]
+        if objective == "elbo":
+            eps = rng.standard_normal((B, Z), dtype=model.dtype)
+            log_px_z, kl = model.forward(x, eps)
+            # loss = -mean(log_px_z - beta * kl)
+            model.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
+            sums = float(np.sum(log_px_z, dtype=np.float64)), float(np.sum(kl, dtype=np.float64))
+        else:
+            eps = rng.standard_normal((B, k, Z), dtype=model.dtype)
+            bound = model.forward_iwae(x, eps)
+            model.backward_iwae(np.full(B, -1.0 / B))
+            sums = float(np.sum(bound, dtype=np.float64)), 0.0
+        g2 = float(np.dot(model.flat_grads, model.flat_grads))
+        if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
+            optimizer.step(model.grads)
+        return sums[0], sums[1], g2
+    return step
 
 
 def column_mean_std(x, dtype=np.float64, chunk=10000):
@@ -229,6 +260,9 @@ class Trainer:
         if config.init_bias:
             init_output_bias(self.model, self.x_train)
         self.optimizer = Adam(self.model.params, lr=config.lr)
+        self._step = make_step(self.model, self.optimizer, make_prepare(
+            config.binarize, config.threshold, self.likelihood, self.data.kind, self.model.dtype),
+            config.objective, config.k)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -325,7 +359,7 @@ class Trainer:
 
     def _train_epoch(self):
         """One pass over the training set; False if interrupted (state is saved by the caller)."""
-        c, model, opt = self.config, self.model, self.optimizer
+        c, opt = self.config, self.optimizer
         n = self.x_train.shape[0]
         steps = math.ceil(n / c.batch_size)
         if self.perm is None:
@@ -339,30 +373,16 @@ class Trainer:
                 progress.close()
                 return False
             idx = self.perm[self.step * c.batch_size:(self.step + 1) * c.batch_size]
-            x = prepare_batch(self.x_train[idx], c, self.likelihood, self.data.kind, model.dtype, self.rng)
-            B = x.shape[0]
             beta = kl_weight(c, self.epoch, self.step, steps)
-            if c.objective == "elbo":
-                eps = self.rng.standard_normal((B, model.z_dim), dtype=model.dtype)
-                log_px_z, kl = model.forward(x, eps)
-                # loss = -mean(log_px_z - beta * kl)
-                model.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
-                batch = (np.sum(log_px_z, dtype=np.float64), np.sum(kl, dtype=np.float64))
-            else:
-                eps = self.rng.standard_normal((B, c.k, model.z_dim), dtype=model.dtype)
-                bound = model.forward_iwae(x, eps)
-                model.backward_iwae(np.full(B, -1.0 / B))
-                batch = (np.sum(bound, dtype=np.float64), 0.0)
-            g2 = float(np.dot(model.flat_grads, model.flat_grads))
-            if not (math.isfinite(batch[0]) and math.isfinite(batch[1]) and math.isfinite(g2)):
+            rec, kl, g2 = self._step(self.x_train[idx], beta, self.rng)
+            if not (math.isfinite(rec) and math.isfinite(kl) and math.isfinite(g2)):
                 progress.close()
                 raise TrainingDiverged(
                     f"non-finite {'loss' if math.isfinite(g2) else 'gradient'} in epoch {self.epoch + 1}, "
                     f"step {self.step + 1}; the last good checkpoint is {self.out / ckpt.LATEST}")
-            opt.step(model.grads)
-            self.sums += batch[0], batch[1], B
+            self.sums += rec, kl, len(idx)
             self.step += 1
-            progress.update(B, (self.sums[0] - self.sums[1]) / self.sums[2])
+            progress.update(len(idx), (self.sums[0] - self.sums[1]) / self.sums[2])
         progress.close()
         seconds = time.perf_counter() - start
         self._end_epoch(seconds, (n - done_before) / max(seconds, 1e-9), kl_weight(c, self.epoch, steps, steps))

@@ -1,0 +1,196 @@
+"""npvae bench: how close training and evaluation come to the time of their matrix products.
+
+The floor of a configuration is the time NumPy takes for exactly the matrix
+products one pass needs (forward, plus the weight and input gradients for
+training), on arrays of the same shapes and dtype, timed in the same run on
+the same machine. Each figure is the median of several repeats.
+"""
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import data as datasets
+from .model import VAE
+from .optim import Adam
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def matmul_floor_train(widths, z_dim, batch_sizes, dtype):
+    """A function that runs the matrix products of one training step per batch size.
+
+    widths: (D, H1, ..., Hn). Encoder D -> H1 -> ... -> Hn -> (mu, log_sigma);
+    decoder Z -> Hn -> ... -> H1 -> D. Forward x W per layer, backward x^T dy
+    per layer and dy W^T per layer except the encoder's first (no gradient for x).
+    """
+    rng = np.random.default_rng(0)
+    D, hidden = widths[0], widths[1:]
+    layers = [(a, b) for a, b in zip((D,) + hidden[:-1], hidden)]          # encoder hidden
+    layers += [(hidden[-1], z_dim), (hidden[-1], z_dim)]                     # mu, log_sigma heads
+    dec = (z_dim,) + hidden[::-1]
+    layers += list(zip(dec[:-1], dec[1:])) + [(hidden[-1 - (len(hidden) - 1)], D)]  # decoder + output
+    Ws = [rng.standard_normal((i, o)).astype(dtype) for i, o in layers]
+    plans = {}
+    for B in set(batch_sizes):
+        plans[B] = [(rng.standard_normal((B, i)).astype(dtype), rng.standard_normal((B, o)).astype(dtype),
+                     np.empty((i, o), dtype), k > 0) for k, (i, o) in enumerate(layers)]
+
+    def run():
+        for B in batch_sizes:
+            for (x, dy, dW, need_dx), W in zip(plans[B], Ws):
+                x @ W                        # forward
+                np.matmul(x.T, dy, out=dW)   # weight gradient
+                if need_dx:
+                    dy @ W.T                 # input gradient
+    return run
+
+
+def _mnist_or_stand_in(data_dir, n=60000):
+    """MNIST's training images if present, else uint8 grey images of the same shape (timing only)."""
+    try:
+        return datasets.load("mnist", data_dir).x_train, "mnist"
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        return (rng.random((n, 784)) ** 4 * 255).astype(np.uint8), "random uint8 stand-in for mnist"
+
+
+def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, z_dim):
+    """One training epoch over x_train as npvae.train does it, against its matmul floor."""
+    from .train import make_prepare, make_step
+    model = VAE(784, hidden, z_dim, activation=activation, dtype=np.float32, seed=0)
+    optimizer = Adam(model.params)
+    n = x_train.shape[0]
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    rng = np.random.default_rng(0)
+    step = make_step(model, optimizer, make_prepare("dynamic", 0.5, "bernoulli", "grey", model.dtype))
+
+    def epoch():
+        perm = rng.permutation(n)
+        for s in range(0, n, batch_size):
+            step(x_train[perm[s:s + batch_size]], 1.0, rng)
+
+    floor_fn = matmul_floor_train((784,) + tuple(hidden), z_dim, sizes, np.float32)
+    floor_fn()  # warm up BLAS threads and caches
+    epoch_t, floor_t = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine state
+        epoch_t.append(_median_time(epoch, 1)[0])
+        floor_t.append(_median_time(floor_fn, 1)[0])
+    t, f = statistics.median(epoch_t), statistics.median(floor_t)
+    return {"name": name, "seconds": t, "floor_seconds": f, "ratio": t / f,
+            "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source}
+
+
+def bench_log_likelihood(k, n_images, x, repeats):
+    """Importance-sampled log p(x) with K samples for a 784-400-20 model, against its floor."""
+    from .evaluate import log_likelihood
+    model = VAE(784, (400,), 20, dtype=np.float32, seed=0)
+    x = datasets.to_float(x[:n_images])
+    x = (x > 0.5).astype(np.float32)
+    rng = np.random.default_rng(0)
+    # floor: the encoder once per image, the decoder once per sample
+    W_enc, W_mu = [np.ones(s, np.float32) for s in ((784, 400), (400, 20))]
+    W_dec, W_out = [np.ones(s, np.float32) for s in ((20, 400), (400, 784))]
+    chunk = 50000  # samples per decoder pass
+    z = np.ones((chunk, 20), np.float32)
+    h = np.ones((chunk, 400), np.float32)
+
+    def floor():
+        hx = x @ W_enc
+        hx @ W_mu
+        hx @ W_mu
+        for _ in range(math.ceil(k * n_images / chunk)):
+            z @ W_dec
+            h @ W_out
+
+    floor()
+    ll_t, floor_t = [], []
+    for _ in range(repeats):
+        ll_t.append(_median_time(lambda: log_likelihood(model, x, k=k, rng=rng), 1)[0])
+        floor_t.append(_median_time(floor, 1)[0])
+    t, f = statistics.median(ll_t), statistics.median(floor_t)
+    return {"name": f"log p(x), K={k}, {n_images} images, 784-400-20", "seconds": t, "floor_seconds": f,
+            "ratio": t / f, "examples_per_s": n_images / t, "floor_examples_per_s": n_images / f}
+
+
+def bench_import(repeats=7):
+    """Seconds for `import npvae` in a fresh interpreter (median)."""
+    code = "import time; t = time.perf_counter(); import npvae; print(time.perf_counter() - t)"
+    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout) for _ in range(repeats)]
+    return {"name": "import npvae", "seconds": statistics.median(times)}
+
+
+def bench_memory(data_dir, epochs=1):
+    """Peak resident memory of `npvae train --dataset mnist` in a child process, in MB."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "npvae", "train", "--dataset", "mnist", "--epochs", str(epochs),
+               "--out", os.path.join(out, "run"), "--quiet"]
+        if data_dir:
+            cmd += ["--data-dir", str(data_dir)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"name": "peak memory of npvae train (mnist)", "error": r.stderr.strip()[-300:]}
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"name": "peak memory of npvae train (mnist)", "megabytes": peak_kb / 1024.0}
+
+
+TARGETS = {"train 784-400-20 relu, batch 128": 1.4, "train 784-200-200-50 tanh, batch 100": 1.6}
+
+
+def run(data_dir=None, repeats=5, quick=False, memory=True):
+    """All benchmarks; returns a list of result dicts."""
+    x_train, source = _mnist_or_stand_in(data_dir)
+    if quick:
+        x_train, repeats = x_train[:6000], 3
+    results = [
+        bench_train("train 784-400-20 relu, batch 128", (400,), "relu", 128, x_train, repeats, source, 20),
+        bench_train("train 784-200-200-50 tanh, batch 100", (200, 200), "tanh", 100, x_train, repeats,
+                    source, 50),
+    ]
+    results[0]["target_ratio"], results[1]["target_ratio"] = 1.4, 1.6
+    ll = bench_log_likelihood(5000, 100 if quick else 1000, x_train, 1 if quick else 3)
+    ll["target_ratio"] = 1.7
+    results.append(ll)
+    if memory and not quick:
+        mem = bench_memory(data_dir)
+        mem["target_megabytes"] = 400
+        results.append(mem)
+    imp = bench_import()
+    imp["target_seconds"] = 0.25
+    results.append(imp)
+    return results
+
+
+def format_results(results):
+    lines = []
+    for r in results:
+        if "ratio" in r:
+            lines.append(f"{r['name']:<44} {r['examples_per_s']:9.0f} ex/s  floor {r['floor_examples_per_s']:9.0f} ex/s"
+                         f"  ({r['seconds']:.2f} s vs {r['floor_seconds']:.2f} s)  ratio {r['ratio']:.2f}"
+                         f"  target <= {r['target_ratio']}")
+        elif "megabytes" in r:
+            lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB")
+        elif "seconds" in r:
+            lines.append(f"{r['name']:<44} {r['seconds']:9.3f} s   target <= {r['target_seconds']} s")
+        else:
+            lines.append(f"{r['name']:<44} error: {r.get('error')}")
+    return "\n".join(lines)
+
+
+def main_json(results):
+    return json.dumps(results, indent=2)
