@@ -77,7 +77,8 @@ def test_dropped_factor_two_is_detected_per_entry():
 def test_dropped_factor_two_is_detected_along_a_direction():
     x, R, f = _square_factor_two()
     assert check_direction(f, {"x": x}, {"x": 2 * R * x}, np.random.default_rng(3)) <= TOLERANCE
-    assert check_direction(f, {"x": x}, {"x": R * x}, np.random.default_rng(3)) == pytest.approx(0.5, abs=1e-6)
+    # the error is |(g_wrong - g) . u| / |g_wrong|: of order one for a random u, far above the tolerance
+    assert check_direction(f, {"x": x}, {"x": R * x}, np.random.default_rng(3)) > 1e-2
 
 
 def test_transposed_weight_gradient_is_detected():
