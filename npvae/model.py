@@ -18,7 +18,6 @@ Shapes: B batch, D data, H hidden, Z latent, K importance samples.
 import math
 
 import numpy as np
-from scipy.special import expit, logsumexp, softmax
 
 from . import distributions as dist
 from .layers import MLP, Dense, check_activation, init_std
@@ -237,6 +236,7 @@ class VAE:
 
     def mean_px_z(self, out):
         """Decoder output -> the mean of p(x|z), (B, D)."""
+        from scipy.special import expit  # imported on first use (see layers.py)
         return expit(out) if self.likelihood == "bernoulli" else out[0]
 
     def log_px_z(self, x, out):
@@ -309,6 +309,7 @@ class VAE:
             - 0.5 * Z * dist.LOG_2PI)                                     # (B, K)
         log_w = log_px_z + log_pz - log_qz                                 # (B, K)
         self._cache_iwae = (x, eps, z, log_sigma, out_bk, log_w)
+        from scipy.special import logsumexp
         return logsumexp(log_w, axis=1) - math.log(K)
 
     def backward_iwae(self, dbound):
@@ -316,6 +317,7 @@ class VAE:
 
         Local derivative: d bound / d log_w_k = w_k / sum_j w_j (a softmax over K).
         """
+        from scipy.special import softmax
         x, eps, z, log_sigma, out_bk, log_w = self._cache_iwae
         B, K, Z = eps.shape
         dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(log_w, axis=1)  # (B, K)
