@@ -141,20 +141,68 @@ def _test_set(run_config, data_dir, model, seed):
     return prepare_batch(x, train, model.likelihood, data.kind, model.dtype, np.random.default_rng([seed, 4]))
 
 
+class RateProgress:
+    """'what done/total, rate, ETA' on stderr for long evaluations: in place on a terminal."""
+
+    def __init__(self, what, unit="images"):
+        import time
+        self.what, self.unit, self.clock = what, unit, time.perf_counter
+        self.start = self.last = self.clock()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done, total):
+        now = self.clock()
+        if done < total and now - self.last < (0.5 if self.tty else 15.0):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        line = (f"{self.what}: {done}/{total} {self.unit}, {rate:.1f} {self.unit}/s, "
+                f"ETA {(total - done) / max(rate, 1e-9):.0f} s")
+        sys.stderr.write(("\r" + line + ("\n" if done >= total else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
 def cmd_eval(args):
+    import time
+
     import numpy as np
 
-    from .evaluate import elbo_stats
+    from . import evaluate
     model, run_config = _load_run(args.run, args.which)
     x = _test_set(run_config, args.data_dir, model, args.seed)
     if args.n is not None:
         x = x[:args.n]
-    result = elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
+    result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
+    result["active_units"], _ = evaluate.active_units(model, x)
+    result["z_dim"] = model.z_dim
+    if args.k is not None:
+        t = time.perf_counter()
+        log_px = evaluate.log_likelihood(model, x, k=args.k, rng=np.random.default_rng([args.seed, 6]),
+                                         progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"))
+        result["log_likelihood"] = float(np.mean(log_px))
+        result["log_likelihood_sem"] = float(np.std(log_px) / np.sqrt(len(log_px)))
+        result["k"] = args.k
+        result["log_likelihood_seconds"] = time.perf_counter() - t
+    if args.amortization is not None:
+        t = time.perf_counter()
+        gaps = evaluate.amortization_gaps(model, x[:args.amortization], k=args.k or 5000,
+                                          rng=np.random.default_rng([args.seed, 7]))
+        result["amortization"] = dict(gaps["mean"], n=min(args.amortization, len(x)),
+                                      seconds=time.perf_counter() - t)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
-              f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+        return 0
+    print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
+          f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+    print(f"active units: {result['active_units']} of {model.z_dim} (Var_x E_q[z_j|x] > 0.01)")
+    if "log_likelihood" in result:
+        print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
+              f"(importance sampling, K = {args.k}, {result['log_likelihood_seconds']:.1f} s)")
+    if "amortization" in result:
+        a = result["amortization"]
+        print(f"on {a['n']} examples: encoder ELBO {a['elbo_encoder']:.3f}, optimized ELBO "
+              f"{a['elbo_optimized']:.3f}, log p(x) {a['log_px']:.3f}; amortization gap "
+              f"{a['amortization_gap']:.3f}, approximation gap {a['approximation_gap']:.3f} nats")
     return 0
 
 
@@ -230,7 +278,12 @@ def build_parser():
         if name == "eval":
             p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
             p.add_argument("--n", type=positive_int, help="evaluate only the first N test examples")
+            p.add_argument("--k", type=positive_int,
+                           help="also estimate log p(x) by importance sampling with K samples (e.g. 5000)")
+            p.add_argument("--amortization", type=positive_int, metavar="N",
+                           help="also the amortization and approximation gaps on the first N examples")
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--quiet", action="store_true", help="no progress output")
             p.set_defaults(func=cmd_eval)
         else:
             p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")

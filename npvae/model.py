@@ -241,16 +241,21 @@ class VAE:
 
     def log_px_z(self, x, out):
         """log p(x|z) per example, (..., D) -> (...), from the decoder's output."""
-        if self.likelihood == "bernoulli":
-            return dist.bernoulli_log_prob(x, out)
-        if self.x_sigma is not None:
-            return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma)
-        return dist.gaussian_log_prob(x, *out)
+        return self._log_px_z(x, out)[0]
 
-    def _log_px_z_grad(self, dlog_px_z, x, out):
+    def _log_px_z(self, x, out):
+        """(log p(x|z), what its gradient can reuse: softplus(logits) for Bernoulli)."""
+        if self.likelihood == "bernoulli":
+            sp = dist.softplus(out)
+            return dist.bernoulli_log_prob(x, out, sp), sp
+        if self.x_sigma is not None:
+            return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma), None
+        return dist.gaussian_log_prob(x, *out), None
+
+    def _log_px_z_grad(self, dlog_px_z, x, out, reuse=None):
         """Upstream gradient of log p(x|z) -> gradient w.r.t. the decoder's output."""
         if self.likelihood == "bernoulli":
-            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out)
+            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, reuse)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob_grad(dlog_px_z, x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob_grad(dlog_px_z, x, *out)
@@ -262,9 +267,9 @@ class VAE:
         mu, log_sigma = self._encode(x)                 # (B, Z), (B, Z)
         z = dist.reparameterize(mu, log_sigma, eps)     # (B, Z)
         out = self._decode(z)                           # logits or (mean, log_sigma), (B, D)
-        log_px_z = self.log_px_z(x, out)                # (B,)
+        log_px_z, reuse = self._log_px_z(x, out)        # (B,)
         kl = dist.kl_standard_normal(mu, log_sigma)     # (B,)
-        self._cache = (x, eps, mu, log_sigma, out)
+        self._cache = (x, eps, mu, log_sigma, out, reuse)
         return log_px_z, kl
 
     def backward(self, dlog_px_z, dkl):
@@ -272,8 +277,8 @@ class VAE:
 
         mu and log_sigma feed both z and the KL, so their gradients sum both paths.
         """
-        x, eps, mu, log_sigma, out = self._cache
-        dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out))
+        x, eps, mu, log_sigma, out, reuse = self._cache
+        dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out, reuse))
         dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps)
         dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma)
         self._encode_backward(dmu + dmu_kl, dlog_sigma + dlog_sigma_kl)
@@ -300,7 +305,7 @@ class VAE:
         out = self._decode(z.reshape(B * K, Z))
         out_bk = (out.reshape(B, K, -1) if self.likelihood == "bernoulli"
                   else tuple(o.reshape(B, K, -1) for o in out))
-        log_px_z = self.log_px_z(x[:, None, :], out_bk)                   # (B, K)
+        log_px_z, reuse = self._log_px_z(x[:, None, :], out_bk)           # (B, K)
         log_pz = dist.standard_normal_log_prob(z)                          # (B, K)
         # log q(z|x) at z = mu + sigma*eps, written in eps so its derivative
         # with the noise held fixed is plain: d/dlog_sigma = -1, d/dmu = 0.
@@ -308,7 +313,7 @@ class VAE:
             log_sigma, dist.LOG_SIGMA_MIN, dist.LOG_SIGMA_MAX), axis=-1)[:, None]
             - 0.5 * Z * dist.LOG_2PI)                                     # (B, K)
         log_w = log_px_z + log_pz - log_qz                                 # (B, K)
-        self._cache_iwae = (x, eps, z, log_sigma, out_bk, log_w)
+        self._cache_iwae = (x, eps, z, log_sigma, out_bk, reuse, log_w)
         from scipy.special import logsumexp
         return logsumexp(log_w, axis=1) - math.log(K)
 
@@ -318,11 +323,11 @@ class VAE:
         Local derivative: d bound / d log_w_k = w_k / sum_j w_j (a softmax over K).
         """
         from scipy.special import softmax
-        x, eps, z, log_sigma, out_bk, log_w = self._cache_iwae
+        x, eps, z, log_sigma, out_bk, reuse, log_w = self._cache_iwae
         B, K, Z = eps.shape
         dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(log_w, axis=1)  # (B, K)
         dlog_w = dlog_w.astype(self.dtype, copy=False)
-        dout_bk = self._log_px_z_grad(dlog_w, x[:, None, :], out_bk)     # (B, K, D) each
+        dout_bk = self._log_px_z_grad(dlog_w, x[:, None, :], out_bk, reuse)  # (B, K, D) each
         dout = (dout_bk.reshape(B * K, -1) if self.likelihood == "bernoulli"
                 else tuple(None if d is None else d.reshape(B * K, -1) for d in dout_bk))
         dz = self._decode_backward(dout).reshape(B, K, Z)
