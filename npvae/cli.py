@@ -6,6 +6,7 @@ non-finite value; 2 bad usage or bad input (one line on stderr, no traceback);
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,34 +23,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --- argument types ---------------------------------------------------------------
 
-def positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _number(convert, ok, expected):
+    """An argparse type: convert the text, check it with ok(), or say what was expected."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
-
-
-def nonnegative_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not (v >= 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
-    return v
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive finite number")
+nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a non-negative finite number")
 
 
 def widths(text):
@@ -220,6 +209,21 @@ def cmd_sample(args):
     return 0
 
 
+def cmd_plot(args):
+    from .plots import plot_run
+    for path in plot_run(args.run, args.out, data_dir=args.data_dir, which=args.which):
+        print(path)
+    return 0
+
+
+def cmd_bench(args):
+    from . import bench
+    results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
+                        memory=not args.no_memory)
+    print(bench.main_json(results) if args.json else bench.format_results(results))
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------
 
 def build_parser():
@@ -289,6 +293,26 @@ def build_parser():
             p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
             p.add_argument("--out", help="PNG path (default RUN/samples.png)")
             p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("plot", help="draw the standard figures of a trained run",
+                       description="Draw reconstructions, samples, training curves, the test set in "
+                                   "latent space and (for a 2-D latent) the decoded manifold, as PNGs.")
+    p.add_argument("run", metavar="RUN", help="run directory written by npvae train")
+    p.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
+    p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
+    p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="time training and evaluation against their matrix-product floor",
+                       description="Time one MNIST training epoch (784-400-20 ReLU, batch 128; "
+                                   "784-200-200-50 tanh, batch 100), importance-sampled log p(x) with "
+                                   "K = 5000 on 1000 images, peak memory of npvae train and import time, "
+                                   "each against its floor, the time of its matrix products alone.")
+    p.add_argument("--data-dir", help="folder with MNIST (a random stand-in is timed without it)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
+    p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -147,15 +147,15 @@ def gaussian_fixed_log_prob_grad(dlogp, x, mu, sigma):
 
 # --- Bernoulli from logits --------------------------------------------------------
 
-def softplus(l):
-    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...).
+def softplus(l, out=None):
+    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...); out: optional buffer.
 
     Computed as max(l, 0) + log(1 + e^-|l|): the exponent is never positive, so
     nothing overflows, and exp and log are NumPy's vectorized fast paths
     (np.logaddexp and np.log1p are several times slower). For |l| > ~17 in
     float32 the second term rounds to 0, an absolute error below 1e-7.
     """
-    t = np.abs(l)
+    t = np.abs(l, out=out)
     np.negative(t, out=t)
     np.exp(t, out=t)
     t += 1.0
