@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from .parallel import map_shares
+
 # scipy.special is imported where it is used: it costs ~0.2 s at import time.
 
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -148,20 +150,28 @@ def gaussian_fixed_log_prob_grad(dlogp, x, mu, sigma):
 # --- Bernoulli from logits --------------------------------------------------------
 
 def softplus(l, out=None):
-    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...); out: optional buffer.
+    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...); out: a buffer other than l.
 
     Computed as max(l, 0) + log(1 + e^-|l|): the exponent is never positive, so
     nothing overflows, and exp and log are NumPy's vectorized fast paths
     (np.logaddexp and np.log1p are several times slower). For |l| > ~17 in
     float32 the second term rounds to 0, an absolute error below 1e-7.
     """
-    t = np.abs(l, out=out)
+    out = np.empty_like(l) if out is None else out
+    if l.flags.c_contiguous and out.flags.c_contiguous:
+        map_shares(_softplus, [l.reshape(-1), out.reshape(-1)])   # large (B, D) arrays: all cores
+    else:
+        _softplus(l, out)
+    return out
+
+
+def _softplus(l, t):
+    np.abs(l, out=t)
     np.negative(t, out=t)
     np.exp(t, out=t)
     t += 1.0
     np.log(t, out=t)
     t += np.maximum(l, 0.0)
-    return t
 
 
 def bernoulli_log_prob(x, logits, softplus_logits=None):

@@ -4,10 +4,9 @@ An optimizer holds references to the parameter arrays and changes them only in
 step(). Its state is keyed by parameter name, so state_dict() can go into a
 checkpoint next to the parameters and load_state_dict() can bring it back.
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
+
+from .parallel import map_shares
 
 
 def _check_params(params):
@@ -43,40 +42,19 @@ def flat_buffer(arrays):
     return base if address == base.__array_interface__["data"][0] + base.nbytes else None
 
 
-_POOL = None
 BLOCK = 1 << 15               # elements per block: five float32 blocks fit in a core's L2 cache
 
 
-def _blocked(update, arrays):
+def _blocked(update):
     """update(*blocks) over consecutive cache-sized blocks of equal-length 1-D arrays.
 
     A step makes about a dozen passes over each array. Done block by block the
-    passes after the first find the data in cache instead of main memory,
-    which for a VAE's ~650k parameters is the difference that counts.
+    passes after the first find the data in cache rather than in main memory.
     """
-    n = arrays[0].size
-    for lo in range(0, n, BLOCK):
-        update(*(a[lo:lo + BLOCK] for a in arrays))
-
-
-def _in_parallel(update, arrays):
-    """_blocked(update, ...) on one contiguous share of the arrays per core.
-
-    Element-wise NumPy calls release the GIL, so threads use the cores that
-    the matrix products use; each element is computed exactly as in one call.
-    """
-    global _POOL
-    n, workers = arrays[0].size, min(os.cpu_count() or 1, 4)
-    if workers == 1 or n < 2 * BLOCK:
-        _blocked(update, arrays)
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npvae-optim")
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    jobs = [_POOL.submit(_blocked, update, [a[lo:hi] for a in arrays])
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for job in jobs:
-        job.result()
+    def run(*arrays):
+        for lo in range(0, arrays[0].size, BLOCK):
+            update(*(a[lo:lo + BLOCK] for a in arrays))
+    return run
 
 
 class Optimizer:
@@ -130,7 +108,7 @@ class Optimizer:
         if flat_grads is not None:
             arrays = [self._flat, flat_grads] + [self._flat_state[s] for s in self.state_names]
             arrays.append(self._scratch(None, self._flat))
-            _in_parallel(self._update, arrays)
+            map_shares(_blocked(self._update), arrays)
             return
         for name, p in self.params.items():
             states = [self.state[s][name] for s in self.state_names]
