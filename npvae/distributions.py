@@ -15,8 +15,6 @@ import math
 
 import numpy as np
 
-from .parallel import map_shares
-
 # scipy.special is imported where it is used: it costs ~0.2 s at import time.
 
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -157,21 +155,13 @@ def softplus(l, out=None):
     (np.logaddexp and np.log1p are several times slower). For |l| > ~17 in
     float32 the second term rounds to 0, an absolute error below 1e-7.
     """
-    out = np.empty_like(l) if out is None else out
-    if l.flags.c_contiguous and out.flags.c_contiguous:
-        map_shares(_softplus, [l.reshape(-1), out.reshape(-1)])   # large (B, D) arrays: all cores
-    else:
-        _softplus(l, out)
-    return out
-
-
-def _softplus(l, t):
-    np.abs(l, out=t)
+    t = np.abs(l, out=out)
     np.negative(t, out=t)
     np.exp(t, out=t)
     t += 1.0
     np.log(t, out=t)
     t += np.maximum(l, 0.0)
+    return t
 
 
 def bernoulli_log_prob(x, logits, softplus_logits=None):

@@ -41,6 +41,13 @@ def _check_positive_int(name, value):
     return int(value)
 
 
+def _aligned_zeros(n, dtype, alignment=64):
+    """A zeroed 1-D array of n elements whose data starts on an `alignment`-byte boundary."""
+    raw = np.zeros(n * dtype.itemsize + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
 class VAE:
     """A VAE with MLP encoder and decoder whose gradients are written by hand.
 
@@ -112,18 +119,21 @@ class VAE:
         for name, fan_in, fan_out, _ in specs:
             shapes[name + ".W"] = (fan_in, fan_out)
             shapes[name + ".b"] = (fan_out,)
-        size = sum(int(np.prod(s)) for s in shapes.values())
-        # One contiguous buffer each, so an optimizer or a checkpoint can treat
-        # all parameters as a single vector while layers see named views.
-        self.flat_params = np.zeros(size, dtype=self.dtype)
-        self.flat_grads = np.zeros(size, dtype=self.dtype)
-        self.params, self.grads = {}, {}
-        start = 0
+        # One flat buffer each for parameters and gradients, so an optimizer can
+        # treat all parameters as a single vector while layers see named views.
+        # Each view starts on a 64-byte boundary: BLAS is ~10% slower on
+        # misaligned matrices. The padding between views stays zero.
+        align = max(1, 64 // self.dtype.itemsize)
+        offsets, size = {}, 0
         for name, shape in shapes.items():
-            n = int(np.prod(shape))
-            self.params[name] = self.flat_params[start:start + n].reshape(shape)
-            self.grads[name] = self.flat_grads[start:start + n].reshape(shape)
-            start += n
+            offsets[name] = size
+            size += -(-int(np.prod(shape)) // align) * align
+        self.flat_params, self.flat_grads = _aligned_zeros(size, self.dtype), _aligned_zeros(size, self.dtype)
+        self.params, self.grads = {}, {}
+        for name, shape in shapes.items():
+            o, n = offsets[name], int(np.prod(shape))
+            self.params[name] = self.flat_params[o:o + n].reshape(shape)
+            self.grads[name] = self.flat_grads[o:o + n].reshape(shape)
         init_rng = np.random.default_rng(self.seed)
         layers = {}
         for name, fan_in, fan_out, act in specs:
@@ -145,7 +155,7 @@ class VAE:
     @property
     def n_params(self):
         """Number of trainable scalars."""
-        return self.flat_params.size
+        return sum(p.size for p in self.params.values())
 
     # --- input handling --------------------------------------------------------
 

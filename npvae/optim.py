@@ -6,8 +6,6 @@ checkpoint next to the parameters and load_state_dict() can bring it back.
 """
 import numpy as np
 
-from .parallel import map_shares
-
 
 def _check_params(params):
     if not isinstance(params, dict) or not params:
@@ -28,33 +26,28 @@ def _check_rate(name, value, low, high, low_open=True, high_open=True):
     return float(value)
 
 
-def flat_buffer(arrays):
-    """The 1-D array that `arrays` tile in order with no gaps (e.g. a VAE's flat_params), or None."""
+def flat_layout(arrays):
+    """(span, offsets) if the arrays are views laid out in order in one 1-D buffer, else None.
+
+    span is the 1-D view from the first array's start to the last one's end
+    (gaps between arrays, e.g. alignment padding, included), offsets the
+    element offset of each array within it. A VAE's params and grads are so laid out.
+    """
     arrays = list(arrays)
-    base = arrays[0].base
+    base, dtype = arrays[0].base, arrays[0].dtype
     if not isinstance(base, np.ndarray) or base.ndim != 1 or not base.flags.c_contiguous:
         return None
-    address = base.__array_interface__["data"][0]
+    start = arrays[0].__array_interface__["data"][0]
+    offsets, end = [], start
     for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous or a.__array_interface__["data"][0] != address:
+        address = a.__array_interface__["data"][0]
+        if a.base is not base or a.dtype != dtype or not a.flags.c_contiguous or address < end \
+                or (address - start) % dtype.itemsize:
             return None
-        address += a.nbytes
-    return base if address == base.__array_interface__["data"][0] + base.nbytes else None
-
-
-BLOCK = 1 << 15               # elements per block: five float32 blocks fit in a core's L2 cache
-
-
-def _blocked(update):
-    """update(*blocks) over consecutive cache-sized blocks of equal-length 1-D arrays.
-
-    A step makes about a dozen passes over each array. Done block by block the
-    passes after the first find the data in cache rather than in main memory.
-    """
-    def run(*arrays):
-        for lo in range(0, arrays[0].size, BLOCK):
-            update(*(a[lo:lo + BLOCK] for a in arrays))
-    return run
+        offsets.append((address - start) // dtype.itemsize)
+        end = address + a.nbytes
+    first = start - base.__array_interface__["data"][0]
+    return base.view(np.uint8)[first:first + end - start].view(dtype), offsets
 
 
 class Optimizer:
@@ -71,19 +64,18 @@ class Optimizer:
         self.params = _check_params(params)
         self.lr = _check_rate("lr", lr, 0.0, np.inf)
         self.t = 0
-        self._flat = flat_buffer(params.values())
+        self._layout = flat_layout(params.values())
         # one zero-initialized array per state name and parameter, e.g. self.state["m"]["enc.h0.W"],
-        # views into one flat buffer per state name where the parameters have one
+        # views into one flat buffer per state name laid out like the parameters where they have one
         self.state, self._flat_state = {}, {}
         for s in self.state_names:
-            if self._flat is None:
+            if self._layout is None:
                 self.state[s] = {n: np.zeros_like(p) for n, p in params.items()}
                 continue
-            buffer = self._flat_state[s] = np.zeros_like(self._flat)
-            self.state[s], start = {}, 0
-            for n, p in params.items():
-                self.state[s][n] = buffer[start:start + p.size].reshape(p.shape)
-                start += p.size
+            span, offsets = self._layout
+            buffer = self._flat_state[s] = np.zeros_like(span)
+            self.state[s] = {n: buffer[o:o + p.size].reshape(p.shape)
+                             for (n, p), o in zip(params.items(), offsets)}
         self._tmp = {}
 
     def _check_grads(self, grads):
@@ -104,11 +96,14 @@ class Optimizer:
         self._check_grads(grads)
         self.t += 1
         self._begin_step()
-        flat_grads = None if self._flat is None else flat_buffer(grads.values())
-        if flat_grads is not None:
-            arrays = [self._flat, flat_grads] + [self._flat_state[s] for s in self.state_names]
-            arrays.append(self._scratch(None, self._flat))
-            map_shares(_blocked(self._update), arrays)
+        grads_layout = None if self._layout is None else flat_layout(grads.values())
+        if grads_layout is not None and grads_layout[1] == self._layout[1] and \
+                grads_layout[0].size == self._layout[0].size:
+            # Gaps hold zeros in params, grads and state alike, and an update keeps them zero.
+            span = self._layout[0]
+            arrays = [span, grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
+            arrays.append(self._scratch(None, span))
+            self._update(*arrays)
             return
         for name, p in self.params.items():
             states = [self.state[s][name] for s in self.state_names]
