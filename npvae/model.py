@@ -159,33 +159,31 @@ class VAE:
 
     # --- input handling --------------------------------------------------------
 
+    def _as_rows(self, a, name, width):
+        """Check that a is a finite float (B, width) array and return it in the model's dtype."""
+        a = np.asarray(a)
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
+        if a.ndim != 2 or a.shape[1] != width:
+            raise ValueError(f"{name} must have shape (B, {width}), got {a.shape}")
+        a = a.astype(self.dtype, copy=False)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return a
+
     def _as_x(self, x, name="x"):
         """Check x and return it as a (B, D) array of the model's dtype."""
-        x = np.asarray(x)
-        if x.dtype.kind != "f":
-            raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"{name} must have shape (B, {self.x_dim}), got {x.shape}")
+        x = self._as_rows(x, name, self.x_dim)
         if x.shape[0] == 0:
             raise ValueError(f"{name} must hold at least one example, got shape {x.shape}")
-        x = x.astype(self.dtype, copy=False)
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{name} contains NaN or infinite values")
         if self.likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli likelihood, "
                              f"got values in [{x.min():g}, {x.max():g}]")
         return x
 
     def _as_z(self, z, name="z"):
-        z = np.asarray(z)
-        if z.dtype.kind != "f":
-            raise TypeError(f"{name} must be a float array, got dtype {z.dtype}")
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"{name} must have shape (B, {self.z_dim}), got {z.shape}")
-        z = z.astype(self.dtype, copy=False)
-        if not np.all(np.isfinite(z)):
-            raise ValueError(f"{name} contains NaN or infinite values")
-        return z
+        """Check z and return it as a (B, Z) array of the model's dtype."""
+        return self._as_rows(z, name, self.z_dim)
 
     def _noise(self, shape, eps, rng):
         """eps of the given shape: the caller's, or drawn from rng (else the model's own)."""
