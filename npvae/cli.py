@@ -118,16 +118,11 @@ def _load_run(run, which):
 
 def _test_set(run_config, data_dir, model, seed):
     """The run's test images, binarized once with a fixed seed where the run binarized dynamically."""
-    import numpy as np
-
-    from . import data as datasets
-    from .train import TrainConfig, prepare_batch
-    train = TrainConfig.from_dict(run_config["train"])
-    data = datasets.load(train.dataset, data_dir or train.data_dir, seed=train.seed)
-    x = data.x_test
-    if x.shape[0] == 0:
-        raise UsageError(f"dataset {train.dataset} has no test split")
-    return prepare_batch(x, train, model.likelihood, data.kind, model.dtype, np.random.default_rng([seed, 4]))
+    from .train import TrainConfig, test_set
+    try:
+        return test_set(TrainConfig.from_dict(run_config["train"]), model, data_dir, seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class RateProgress:
@@ -252,7 +247,7 @@ def build_parser():
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z) (default: the dataset's)")
     p.add_argument("--x-sigma", type=positive_float, help="fixed sigma of a Gaussian p(x|z) (default learned)")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--lr-schedule", choices=("constant", "exponential", "burda"), help="default constant")
+    p.add_argument("--lr-schedule", choices=("constant", "exponential", "burda", "stages"), help="default constant")
     p.add_argument("--lr-final", type=positive_float, help="last learning rate of the exponential schedule")
     p.add_argument("--warmup", type=nonnegative_float, help="epochs of linear KL warm-up (default 0)")
     p.add_argument("--beta", type=nonnegative_float, help="fixed KL weight (default 1)")

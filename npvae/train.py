@@ -23,7 +23,7 @@ from .model import VAE
 from .optim import Adam
 
 OBJECTIVES = ("elbo", "iwae")
-SCHEDULES = ("constant", "exponential", "burda")
+SCHEDULES = ("constant", "exponential", "burda", "stages")
 BINARIZE = ("dynamic", "threshold", "none")
 
 
@@ -42,6 +42,7 @@ class TrainConfig:
     x_sigma: float | None = None      # Gaussian only: None learns log_sigma per dimension
     lr: float = 1e-3
     lr_schedule: str = "constant"     # constant | exponential (to lr_final) | burda (8 stages, 10^(-i/7))
+                                      # | stages (the same 8 rates, stages of equal length)
     lr_final: float = 1e-4
     warmup: float = 0.0               # epochs over which beta rises linearly from 0 to `beta`
     beta: float = 1.0                 # weight of the KL term (1 is the ELBO)
@@ -120,7 +121,10 @@ def learning_rate(config, epoch):
         return config.lr * (config.lr_final / config.lr) ** (epoch / (config.epochs - 1))
     # Burda et al. (2015): stage i = 0..7 lasts 3^i passes at lr 10^(-i/7) times
     # the initial one (3280 passes in all); shorter runs keep the proportions.
-    ends = np.cumsum([3 ** i for i in range(8)]) / 3280.0 * config.epochs
+    # "stages" keeps the eight rates but gives each stage the same length, which
+    # suits a short budget: burda spends 2/3 of any run at the lowest rate.
+    lengths = [3 ** i for i in range(8)] if config.lr_schedule == "burda" else [1] * 8
+    ends = np.cumsum(lengths) / float(sum(lengths)) * config.epochs
     stage = int(np.searchsorted(ends, epoch, side="right"))
     return config.lr * 10.0 ** (-min(stage, 7) / 7.0)
 
@@ -230,6 +234,20 @@ HISTORY_KEYS = ("epoch", "lr", "beta", "train_elbo", "train_recon", "train_kl",
                 "valid_elbo", "valid_recon", "valid_kl", "seconds", "examples_per_s")
 
 
+def test_set(config, model, data_dir=None, seed=0):
+    """The test images of a run with this TrainConfig, as the model sees them.
+
+    Grey images under a Bernoulli model that trained on dynamic binarization are
+    binarized once, with a generator seeded by seed, so that every evaluation
+    of a run scores the same binary images.
+    """
+    data = datasets.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
+    if data.x_test.shape[0] == 0:
+        raise ValueError(f"dataset {config.dataset} has no test split")
+    return prepare_batch(data.x_test, config, model.likelihood, data.kind, model.dtype,
+                         np.random.default_rng([seed, 4]))
+
+
 class Trainer:
     """Trains a VAE as config says and keeps its run directory up to date."""
 
@@ -326,9 +344,14 @@ class Trainer:
         # make the checkpoint match no real point of the run.
         self._interrupted = True
 
-    def run(self):
-        """Train until config.epochs (or early stopping); returns 'done', 'stopped early' or 'interrupted'."""
+    def run(self, until=None):
+        """Train until config.epochs (or early stopping); returns 'done', 'stopped early' or 'interrupted'.
+
+        until: stop after that many epochs instead (the schedule still spans config.epochs),
+        so that a caller can look at the model between stages and then call run() again.
+        """
         c = self.config
+        last = c.epochs if until is None else min(int(until), c.epochs)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(self.out / ckpt.CONFIG, self.run_config())
         previous = signal.getsignal(signal.SIGINT)
@@ -337,7 +360,7 @@ class Trainer:
         except ValueError:  # not the main thread: Ctrl-C handling stays as it was
             previous = None
         try:
-            while self.epoch < c.epochs:
+            while self.epoch < last:
                 if self._stop_early():
                     self.log(f"stopping early: no better validation ELBO for {c.patience} epochs")
                     return "stopped early"

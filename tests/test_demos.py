@@ -1,4 +1,5 @@
 """The demos run with --quick and draw every figure they promise; plot_run draws a run's standard figures."""
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ DEMOS = {
     "estimators": ["estimators.png"],
     "amortization": ["amortization.png"],
     "shallow_vs_deep": ["shallow_vs_deep.png"],
+    "reproduce_iwae": [],          # numbers, not pictures: see test_reproduce_iwae_logs_stages_and_matches_eval
 }
 # --quick aims at ~15 s alone on 2 cores; the limit leaves room for a machine busy with other work.
 TIMEOUT = 240
@@ -87,6 +89,31 @@ def test_demo_falls_back_to_a_builtin_set_without_data(name, tmp_path):
     assert "using the built-in 'shapes' set" in result.stdout
     for png in DEMOS[name]:
         assert_drawn(out / png)
+
+
+def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
+    """Each stage is logged, and the final log p(x) is what `npvae eval` says about the run."""
+    out = tmp_path / "out"
+    args = [str(REPO / "demos" / "reproduce_iwae.py"), "--quick", "--k", "2", "--out", str(out)]
+    data_dir = real_data_dir()
+    if data_dir is not None:
+        args += ["--data-dir", data_dir]
+    result = run(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = json.loads((out / "stages.json").read_text())
+    stages, final = log["stages"], log["final"]
+    assert [s["stage"] for s in stages] == list(range(1, 9))
+    assert [s["lr"] for s in stages] == pytest.approx(1e-3 * 10 ** (-np.arange(8) / 7))
+    assert log["config"]["objective"] == "iwae" and log["config"]["k"] == 2
+    assert np.diff([s["train_seconds_total"] for s in stages]).min() > 0
+    assert all(np.isfinite(s["valid_elbo"]) and s["test_log_px"] < 0 for s in stages)
+    assert stages[-1]["valid_elbo"] > stages[0]["valid_elbo"]
+    eval_args = [str(out / "run"), "--k", str(final["k"]), "--n", str(final["n"]), "--json", "--quiet"]
+    if data_dir is not None:
+        eval_args += ["--data-dir", data_dir]
+    result = run(["-m", "npvae", "eval"] + eval_args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], abs=1e-9)
 
 
 def test_every_demo_is_tested():

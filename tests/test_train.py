@@ -57,6 +57,17 @@ def test_burda_schedule_matches_the_paper_at_3280_epochs():
     assert learning_rate(c, 3279) == pytest.approx(1e-4)
 
 
+def test_stages_schedule_has_the_burda_rates_in_equal_stages():
+    c = TrainConfig(epochs=16, lr_schedule="stages", lr=1e-3)
+    rates = [learning_rate(c, e) for e in range(16)]
+    assert rates == pytest.approx(np.repeat(1e-3 * 10 ** (-np.arange(8) / 7), 2))
+    # a budget that 8 does not divide still falls through all 8 rates, in order
+    c = TrainConfig(epochs=21, lr_schedule="stages", lr=2e-3)
+    rates = [learning_rate(c, e) for e in range(21)]
+    assert sorted(set(rates), reverse=True) == pytest.approx(2e-3 * 10 ** (-np.arange(8) / 7))
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(2e-4)
+
+
 def test_exponential_schedule_and_warmup():
     c = TrainConfig(epochs=5, lr_schedule="exponential", lr=1e-2, lr_final=1e-4)
     assert [learning_rate(c, e) for e in range(5)] == pytest.approx([1e-2, 10 ** -2.5, 1e-3, 10 ** -3.5, 1e-4])
@@ -93,6 +104,15 @@ def test_training_is_deterministic_from_the_seed(tmp_path):
     Trainer(tiny(seed=4), tmp_path / "c", quiet=True).run()
     assert not np.array_equal(params_of(tmp_path / "a")["params/dec.h0.W"],
                               params_of(tmp_path / "c")["params/dec.h0.W"])
+
+
+def test_run_until_stops_between_stages_without_changing_the_run(tmp_path):
+    Trainer(tiny(epochs=4, lr_schedule="stages"), tmp_path / "full", quiet=True).run()
+    t = Trainer(tiny(epochs=4, lr_schedule="stages"), tmp_path / "staged", quiet=True)
+    assert t.run(until=1) == "done" and t.epoch == 1
+    assert t.run(until=3) == "done" and t.epoch == 3
+    assert t.run(until=99) == "done" and t.epoch == 4    # never past config.epochs
+    assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "staged"))
 
 
 def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path):

@@ -1,0 +1,162 @@
+"""Reproduce Burda, Grosse & Salakhutdinov (2015), Table 1: a VAE and an IWAE on MNIST.
+
+The paper's set-up: MNIST with dynamic binarization (each pass draws new binary
+images, x ~ Bernoulli(grey level)), one stochastic layer, 784-200-200-50 with
+tanh, Adam, the learning rate falling from 1e-3 to 1e-4 in 8 stages
+(10^(-i/7) times 1e-3), the decoder's output bias at logit(mean pixel), and the
+test log-likelihood
+
+    log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k|x),    z_k ~ q(z|x),  K = 5000,
+
+over all 10 000 test images. Their numbers: VAE (k = 1) -86.76 nats, IWAE
+(k = 5) -85.54, IWAE (k = 50) -84.78, after 3280 passes with batch 20.
+
+This script trains one model stage by stage and, after each learning-rate
+stage, logs the validation ELBO, the test log p(x) on a subset and the
+training wall time so far; at the end it estimates log p(x) with K = 5000 on
+the whole test set. The run directory is an ordinary npvae run:
+`npvae eval RUN --k 5000` gives the same final figure.
+
+    python demos/reproduce_iwae.py                       # the VAE, k = 1
+    python demos/reproduce_iwae.py --k 5 --out demos/out/iwae5
+    python demos/reproduce_iwae.py --quick               # a smoke test, ~15 s
+"""
+import os
+
+# One BLAS thread unless told otherwise: two runs side by side (the VAE and the IWAE),
+# one per core, train faster in total than one run on two OpenBLAS threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from npvae import checkpoint as ckpt
+from npvae import data as datasets
+from npvae import evaluate
+from npvae.train import TrainConfig, Trainer, learning_rate, test_set
+
+PAPER = {1: -86.76, 5: -85.54, 50: -84.78}   # Burda et al. (2015), Table 1, MNIST, one stochastic layer
+DATASET, FALLBACK = "mnist", "shapes"
+
+
+def stage_ends(config):
+    """The epochs (1-based counts) after which the learning rate changes, and the last epoch."""
+    rates = [learning_rate(config, e) for e in range(config.epochs)]
+    return [e + 1 for e in range(config.epochs) if e + 1 == config.epochs or rates[e + 1] != rates[e]]
+
+
+def mean_and_sem(values):
+    return float(np.mean(values)), float(np.std(values) / math.sqrt(len(values)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=1, help="importance samples in training: 1 is the VAE (ELBO), "
+                        "more is the IWAE bound (default 1)")
+    parser.add_argument("--epochs", type=int, default=640, help="passes over the training set (default 640, "
+                        "under an hour on one core for k = 1)")
+    parser.add_argument("--batch-size", type=int, default=100, help="default 100 (the paper: 20)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="first learning rate (default 1e-3)")
+    parser.add_argument("--schedule", choices=("stages", "burda"), default="stages",
+                        help="stages: 8 equal stages; burda: stage i lasts 3^i parts of 3280 (default stages)")
+    parser.add_argument("--stage-n", type=int, default=1000, help="test images for the per-stage log p(x)")
+    parser.add_argument("--stage-k", type=int, default=1000, help="samples for the per-stage log p(x)")
+    parser.add_argument("--final-k", type=int, default=5000, help="samples for the final log p(x) (default 5000)")
+    parser.add_argument("--quick", action="store_true", help="a small subset, few epochs, small evaluations")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--out", type=Path, default=None, help="default demos/out/vae or demos/out/iwae<k>")
+    parser.add_argument("--data-dir", help="folder with the datasets (default $NPVAE_DATA, ~/.npvae/data)")
+    args = parser.parse_args()
+    for name in ("k", "epochs", "batch_size", "stage_n", "stage_k", "final_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out is None:
+        args.out = Path(__file__).parent / "out" / ("vae" if args.k == 1 else f"iwae{args.k}")
+    start = time.perf_counter()
+
+    dataset = DATASET
+    try:
+        datasets.load(DATASET, args.data_dir)
+    except FileNotFoundError as e:
+        print(f"note: {e}\nnote: using the built-in {FALLBACK!r} set instead")
+        dataset = FALLBACK
+    epochs, n_train, final_n = args.epochs, None, None
+    stage_n, stage_k, final_k = args.stage_n, args.stage_k, args.final_k
+    if args.quick:
+        epochs, n_train, final_n, stage_n, stage_k, final_k = 8, 2000, 500, 100, 50, 200
+    config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=epochs, batch_size=args.batch_size,
+                         hidden=(200, 200), z_dim=50, activation="tanh", lr=args.lr, lr_schedule=args.schedule,
+                         objective="elbo" if args.k == 1 else "iwae", k=args.k, binarize="dynamic",
+                         n_train=n_train, init_bias=True, seed=0)
+    run, log_path = args.out / "run", args.out / "stages.json"
+    if args.resume:
+        trainer = Trainer.resume(run, data_dir=args.data_dir)
+        log = ckpt.read_json(log_path) if log_path.is_file() else {"stages": []}
+    else:
+        if (run / ckpt.CONFIG).exists():
+            parser.error(f"--out {args.out} already holds a run; add --resume to continue it")
+        trainer = Trainer(config, run)
+        log = {"stages": []}
+    config = trainer.config
+    log["config"] = config.to_dict()
+    log["paper"] = PAPER.get(config.k)
+    model = trainer.model
+    x_test = test_set(config, model, args.data_dir)
+    if final_n is not None:
+        x_test = x_test[:final_n]
+    print(f"{dataset}: {'VAE' if config.k == 1 else f'IWAE, k = {config.k}'}, 784-200-200-50 tanh, "
+          f"batch {config.batch_size}, {config.epochs} epochs, schedule {config.lr_schedule}",
+          flush=True)
+
+    train_seconds = sum(s["seconds"] for s in log["stages"])
+    header = (f"{'stage':>5} {'epochs':>7} {'lr':>9} {'valid ELBO':>11} "
+              f"{f'test log p(x), K={stage_k}, n={min(stage_n, len(x_test))}':>30} {'train time':>11}")
+    done = {s["end_epoch"] for s in log["stages"]}
+    for i, end in enumerate(stage_ends(config)):
+        if end in done:
+            continue
+        lr = learning_rate(config, end - 1)
+        t = time.perf_counter()
+        status = trainer.run(until=end)
+        seconds = time.perf_counter() - t
+        if status != "done" or trainer.epoch < end:
+            print(f"training {status} at epoch {trainer.epoch}; continue with --resume --out {args.out}")
+            return 130 if status == "interrupted" else 0
+        train_seconds += seconds
+        t = time.perf_counter()
+        log_px = evaluate.log_likelihood(model, x_test[:stage_n], k=stage_k, rng=np.random.default_rng([0, 8]))
+        test_mean, test_sem = mean_and_sem(log_px)
+        row = dict(stage=i + 1, end_epoch=end, lr=lr, valid_elbo=trainer.history["valid_elbo"][-1],
+                   test_log_px=test_mean, test_log_px_sem=test_sem, test_n=len(log_px), test_k=stage_k,
+                   seconds=seconds, train_seconds_total=train_seconds, eval_seconds=time.perf_counter() - t)
+        log["stages"].append(row)
+        ckpt.write_json(log_path, log)
+        if len(log["stages"]) == 1:
+            print(header)
+        print(f"{i + 1:5d} {end:7d} {lr:9.2e} {row['valid_elbo']:11.3f} {test_mean:22.3f} +- {test_sem:5.3f} "
+              f"{train_seconds / 60:9.1f} min", flush=True)
+
+    # The final figure: the best checkpoint by validation ELBO, as `npvae eval` scores it.
+    best = ckpt.load(run, "best")
+    t = time.perf_counter()
+    log_px = evaluate.log_likelihood(best, x_test, k=final_k, rng=np.random.default_rng([0, 6]))
+    final_mean, final_sem = mean_and_sem(log_px)
+    log["final"] = dict(test_log_px=final_mean, test_log_px_sem=final_sem, n=len(log_px), k=final_k,
+                        seconds=time.perf_counter() - t, train_seconds=train_seconds,
+                        epochs=trainer.epoch, best_valid_elbo=max(trainer.history["valid_elbo"]))
+    ckpt.write_json(log_path, log)
+    paper = PAPER.get(config.k)
+    print(f"\ntest log p(x), K = {final_k}, {len(log_px)} test images: {final_mean:.3f} +- {final_sem:.3f} nats "
+          f"({log['final']['seconds']:.0f} s)" + (f"; paper: {paper}" if paper else ""))
+    print(f"training: {trainer.epoch} epochs in {train_seconds / 60:.1f} min; log in {log_path}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
