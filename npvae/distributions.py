@@ -147,14 +147,26 @@ def gaussian_fixed_log_prob_grad(dlogp, x, mu, sigma):
 
 # --- Bernoulli from logits --------------------------------------------------------
 
+# Below these, e^l is finite in the dtype (float32 overflows at l = 88.7, float64 at 709.8).
+_EXP_SAFE = {np.dtype(np.float32): 80.0, np.dtype(np.float64): 700.0}
+
+
 def softplus(l, out=None):
     """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...); out: a buffer other than l.
 
-    Computed as max(l, 0) + log(1 + e^-|l|): the exponent is never positive, so
-    nothing overflows, and exp and log are NumPy's vectorized fast paths
-    (np.logaddexp and np.log1p are several times slower). For |l| > ~17 in
-    float32 the second term rounds to 0, an absolute error below 1e-7.
+    When every l is below the dtype's overflow point of e^l (one cheap max over
+    the array tells), it is log(1 + e^l) as written: three passes. Otherwise
+    max(l, 0) + log(1 + e^-|l|), whose exponent is never positive. Both round
+    alike: for l < 0 they are the same operations, and for l > 0 each is off by
+    a few ulp of the result. exp and log are NumPy's vectorized fast paths
+    (np.logaddexp and np.log1p are several times slower). In float32, for l
+    below ~-17 the result rounds to 0, an absolute error below 1e-7.
     """
+    limit = _EXP_SAFE.get(l.dtype)
+    if limit is not None and l.size and np.max(l) < limit:   # NaN fails the test and takes the path below
+        t = np.exp(l, out=out)
+        t += 1.0
+        return np.log(t, out=t)
     t = np.abs(l, out=out)
     np.negative(t, out=t)
     np.exp(t, out=t)

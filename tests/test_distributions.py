@@ -176,6 +176,22 @@ def test_kl_diag_gaussians_gradient_all_four_arguments(seed):
 
 # --- Bernoulli from logits -------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 4e-16, 2.3e-16), (np.float32, 2.5e-7, 1.2e-7)])
+def test_softplus_both_paths_are_accurate(dtype, rtol, atol):
+    """log(1 + e^l) as written (all l below the overflow point) and the stable form (any l above)."""
+    l = np.concatenate([np.linspace(-100, 79, 1791), [-1e-3, 0.0, 1e-3]]).astype(dtype)
+    exact = np.logaddexp(0.0, l.astype(np.float64))     # float64 reference, correctly rounded to ~1 ulp
+    direct = dist.softplus(l)                            # max(l) = 79 < 80: the three-pass path
+    stable = dist.softplus(np.append(l, dtype(1000.0)))  # 1000 > 80: the overflow-safe path for all
+    for got in (direct, stable[:-1]):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, exact, rtol=rtol, atol=atol)
+    assert stable[-1] == 1000.0
+    out = np.empty_like(l)
+    assert dist.softplus(l, out=out) is out and np.array_equal(out, direct)
+    assert np.isnan(dist.softplus(np.array([np.nan, 1.0], dtype)))[0]
+
+
 def test_bernoulli_equals_naive_formula_at_moderate_logits():
     rng = np.random.default_rng(13)
     logits = 3 * rng.standard_normal((B, D))
