@@ -58,8 +58,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=1, help="importance samples in training: 1 is the VAE (ELBO), "
                         "more is the IWAE bound (default 1)")
-    parser.add_argument("--epochs", type=int, default=640, help="passes over the training set (default 640, "
-                        "under an hour on one core for k = 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 640, "
+                        "under an hour on one core for k = 1); with --resume, a new length for the schedule")
     parser.add_argument("--batch-size", type=int, default=100, help="default 100 (the paper: 20)")
     parser.add_argument("--lr", type=float, default=1e-3, help="first learning rate (default 1e-3)")
     parser.add_argument("--schedule", choices=("stages", "burda"), default="stages",
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="default demos/out/vae or demos/out/iwae<k>")
     parser.add_argument("--data-dir", help="folder with the datasets (default $NPVAE_DATA, ~/.npvae/data)")
     args = parser.parse_args()
+    epochs_given = args.epochs is not None
+    args.epochs = args.epochs if epochs_given else 640
     for name in ("k", "epochs", "batch_size", "stage_n", "stage_k", "final_k"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -95,7 +97,7 @@ def main():
                          n_train=n_train, init_bias=True, seed=0)
     run, log_path = args.out / "run", args.out / "stages.json"
     if args.resume:
-        trainer = Trainer.resume(run, data_dir=args.data_dir)
+        trainer = Trainer.resume(run, epochs=epochs if epochs_given else None, data_dir=args.data_dir)
         log = ckpt.read_json(log_path) if log_path.is_file() else {"stages": []}
     else:
         if (run / ckpt.CONFIG).exists():
@@ -133,7 +135,10 @@ def main():
         test_mean, test_sem = mean_and_sem(log_px)
         row = dict(stage=i + 1, end_epoch=end, lr=lr, valid_elbo=trainer.history["valid_elbo"][-1],
                    test_log_px=test_mean, test_log_px_sem=test_sem, test_n=len(log_px), test_k=stage_k,
-                   seconds=seconds, train_seconds_total=train_seconds, eval_seconds=time.perf_counter() - t)
+                   seconds=seconds, train_seconds_total=train_seconds, eval_seconds=time.perf_counter() - t,
+                   # the epochs' own time from the run's history: unlike the wall time above, this
+                   # survives an interruption (it leaves out validation and checkpoint writes)
+                   epoch_seconds_total=float(np.sum(trainer.history["seconds"])))
         log["stages"].append(row)
         ckpt.write_json(log_path, log)
         if len(log["stages"]) == 1:

@@ -106,6 +106,7 @@ def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
     assert [s["lr"] for s in stages] == pytest.approx(1e-3 * 10 ** (-np.arange(8) / 7))
     assert log["config"]["objective"] == "iwae" and log["config"]["k"] == 2
     assert np.diff([s["train_seconds_total"] for s in stages]).min() > 0
+    assert np.diff([s["epoch_seconds_total"] for s in stages]).min() > 0
     assert all(np.isfinite(s["valid_elbo"]) and s["test_log_px"] < 0 for s in stages)
     assert stages[-1]["valid_elbo"] > stages[0]["valid_elbo"]
     eval_args = [str(out / "run"), "--k", str(final["k"]), "--n", str(final["n"]), "--json", "--quiet"]
