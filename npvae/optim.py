@@ -50,20 +50,6 @@ def flat_layout(arrays):
     return base.view(np.uint8)[first:first + end - start].view(dtype), offsets
 
 
-def _blas_level1(*arrays):
-    """(axpy, scal) from BLAS for the arrays' dtype, or None unless all are 1-D,
-    contiguous, writeable float32 or float64 of one dtype: only then do SciPy's
-    wrappers work in place instead of on a silent copy."""
-    first = arrays[0]
-    if first.dtype not in (np.float32, np.float64):
-        return None
-    for a in arrays:
-        if a.ndim != 1 or a.dtype != first.dtype or not a.flags.c_contiguous or not a.flags.writeable:
-            return None
-    from scipy.linalg import blas   # here, not at import: scipy.linalg takes a while to load
-    return (blas.saxpy, blas.sscal) if first.dtype == np.float32 else (blas.daxpy, blas.dscal)
-
-
 class Optimizer:
     """Shared bookkeeping: the params dict, the step count and per-name state arrays.
 
@@ -197,23 +183,7 @@ class Adam(Optimizer):
         self._c2 = 1.0 - self.beta2 ** self.t
 
     def _update(self, p, g, m, v, tmp):
-        blas = _blas_level1(p, g, m, v, tmp)
         c2 = np.sqrt(self._c2)
-        if blas is not None:
-            # The same arithmetic in nine passes instead of twelve: BLAS's scal
-            # and axpy (y <- y + a x) scale and accumulate in place in one pass
-            # each, and OpenBLAS spreads them over its threads.
-            axpy, scal = blas
-            scal(self.beta1, m)
-            axpy(g, m, a=1.0 - self.beta1)           # m = beta1 m + (1 - beta1) g
-            np.multiply(g, g, out=tmp)
-            scal(self.beta2, v)
-            axpy(tmp, v, a=1.0 - self.beta2)         # v = beta2 v + (1 - beta2) g^2
-            np.sqrt(v, out=tmp)                      # (see below for the scalars)
-            tmp += self.eps * c2
-            np.divide(m, tmp, out=tmp)
-            axpy(tmp, p, a=-self.lr * c2 / self._c1)
-            return
         # m += (1 - beta1)(g - m) is beta1 m + (1 - beta1) g in three passes
         # without a second temporary; likewise for v.
         np.subtract(g, m, out=tmp)

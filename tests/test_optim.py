@@ -288,38 +288,3 @@ def test_adam_trains_a_tiny_vae():
     independent = -np.mean(np.sum(x * np.log(p) + (1 - x) * np.log(1 - p), axis=1))
     assert end < independent - 2.0, (end, independent)
 
-
-@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
-def test_adam_blas_path_matches_the_numpy_path(dtype, rtol, monkeypatch):
-    """A model's flat buffer takes the BLAS scal/axpy path; it must agree with the plain NumPy one."""
-    from npvae import optim
-    rng = np.random.default_rng(1)
-    models = [VAE(12, (8,), 3, dtype=dtype, seed=0) for _ in range(2)]
-    opts = [Adam(m.params, lr=0.01) for m in models]
-    span = opts[0]._layout[0]
-    assert optim._blas_level1(span, span) is not None          # the fast path is really taken
-    grads = [{n: rng.standard_normal(p.shape).astype(dtype) for n, p in models[0].params.items()}
-             for _ in range(5)]
-    for g in grads:
-        opts[0].step(g)
-    monkeypatch.setattr(optim, "_blas_level1", lambda *arrays: None)
-    for g in grads:
-        opts[1].step(g)
-    for name in models[0].params:
-        np.testing.assert_allclose(models[0].params[name], models[1].params[name], rtol=rtol, atol=1e-7)
-        for s in ("m", "v"):
-            np.testing.assert_allclose(opts[0].state[s][name], opts[1].state[s][name], rtol=rtol, atol=1e-12)
-    assert models[0].flat_params.dtype == dtype
-
-
-def test_blas_path_is_refused_where_it_would_copy():
-    from npvae import optim
-    a = np.zeros(8)
-    assert optim._blas_level1(a, a) is not None
-    assert optim._blas_level1(a, a.astype(np.float32)) is None          # mixed dtypes
-    assert optim._blas_level1(a[::2], a[::2]) is None                   # strided
-    assert optim._blas_level1(a.reshape(2, 4), a.reshape(2, 4)) is None  # not 1-D
-    ro = a.copy()
-    ro.flags.writeable = False
-    assert optim._blas_level1(ro, a) is None
-    assert optim._blas_level1(a.astype(np.float16), a.astype(np.float16)) is None
