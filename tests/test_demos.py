@@ -114,7 +114,9 @@ def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
         eval_args += ["--data-dir", data_dir]
     result = run(["-m", "npvae", "eval"] + eval_args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], abs=1e-9)
+    # The same images, noise and model; only the float32 matrix products may sum in another order
+    # (the demo runs on one BLAS thread, `npvae eval` on as many as it is given).
+    assert json.loads(result.stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], rel=1e-6)
 
 
 def test_every_demo_is_tested():
