@@ -155,7 +155,7 @@ def main():
                         seconds=time.perf_counter() - t, train_seconds=train_seconds,
                         epochs=trainer.epoch, best_valid_elbo=max(trainer.history["valid_elbo"]))
     ckpt.write_json(log_path, log)
-    paper = PAPER.get(config.k)
+    paper = log["paper"]
     print(f"\ntest log p(x), K = {final_k}, {len(log_px)} test images: {final_mean:.3f} +- {final_sem:.3f} nats "
           f"({log['final']['seconds']:.0f} s)" + (f"; paper: {paper}" if paper else ""))
     print(f"training: {trainer.epoch} epochs in {train_seconds / 60:.1f} min; log in {log_path}")

@@ -116,15 +116,6 @@ def _load_run(run, which):
     return model, read_json(run / CONFIG)
 
 
-def _test_set(run_config, data_dir, model, seed):
-    """The run's test images, binarized once with a fixed seed where the run binarized dynamically."""
-    from .train import TrainConfig, test_set
-    try:
-        return test_set(TrainConfig.from_dict(run_config["train"]), model, data_dir, seed)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 class RateProgress:
     """'what done/total, rate, ETA' on stderr for long evaluations: in place on a terminal."""
 
@@ -153,7 +144,8 @@ def cmd_eval(args):
 
     from . import evaluate
     model, run_config = _load_run(args.run, args.which)
-    x = _test_set(run_config, args.data_dir, model, args.seed)
+    from .train import TrainConfig, test_set
+    x = test_set(TrainConfig.from_dict(run_config["train"]), model, args.data_dir, args.seed)
     if args.n is not None:
         x = x[:args.n]
     result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))

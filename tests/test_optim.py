@@ -287,4 +287,3 @@ def test_adam_trains_a_tiny_vae():
     p = x.mean(axis=0).clip(1e-3, 1 - 1e-3)
     independent = -np.mean(np.sum(x * np.log(p) + (1 - x) * np.log(1 - p), axis=1))
     assert end < independent - 2.0, (end, independent)
-
