@@ -90,7 +90,8 @@ def main():
     epochs, n_train, final_n = args.epochs, None, None
     stage_n, stage_k, final_k = args.stage_n, args.stage_k, args.final_k
     if args.quick:
-        epochs, n_train, final_n, stage_n, stage_k, final_k = 8, 2000, 500, 100, 50, 200
+        n_train, final_n, stage_n, stage_k, final_k = 2000, 500, 100, 50, 200
+        epochs = args.epochs if epochs_given else 8
     config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=epochs, batch_size=args.batch_size,
                          hidden=(200, 200), z_dim=50, activation="tanh", lr=args.lr, lr_schedule=args.schedule,
                          objective="elbo" if args.k == 1 else "iwae", k=args.k, binarize="dynamic",
@@ -99,6 +100,13 @@ def main():
     if args.resume:
         trainer = Trainer.resume(run, epochs=epochs if epochs_given else None, data_dir=args.data_dir)
         log = ckpt.read_json(log_path) if log_path.is_file() else {"stages": []}
+        if epochs_given and epochs <= trainer.epoch:
+            parser.error(f"--epochs must be more than the {trainer.epoch} epochs the run has done, got {epochs}")
+        if epochs_given and log["stages"] and epochs != log["config"]["epochs"]:
+            # A new length re-spaces the stages over the whole run (a warm restart if the
+            # rate goes up); stages that would have ended before this epoch are skipped.
+            log.setdefault("extended", []).append(dict(at_epoch=trainer.epoch, epochs_before=log["config"]["epochs"],
+                                                       epochs=epochs))
     else:
         if (run / ckpt.CONFIG).exists():
             parser.error(f"--out {args.out} already holds a run; add --resume to continue it")
@@ -119,8 +127,9 @@ def main():
     header = (f"{'stage':>5} {'epochs':>7} {'lr':>9} {'valid ELBO':>11} "
               f"{f'test log p(x), K={stage_k}, n={min(stage_n, len(x_test))}':>30} {'train time':>11}")
     done = {s["end_epoch"] for s in log["stages"]}
+    printed = False
     for i, end in enumerate(stage_ends(config)):
-        if end in done:
+        if end in done or end < trainer.epoch:
             continue
         lr = learning_rate(config, end - 1)
         t = time.perf_counter()
@@ -141,8 +150,9 @@ def main():
                    epoch_seconds_total=float(np.sum(trainer.history["seconds"])))
         log["stages"].append(row)
         ckpt.write_json(log_path, log)
-        if len(log["stages"]) == 1:
+        if not printed:
             print(header)
+            printed = True
         print(f"{i + 1:5d} {end:7d} {lr:9.2e} {row['valid_elbo']:11.3f} {test_mean:22.3f} +- {test_sem:5.3f} "
               f"{train_seconds / 60:9.1f} min", flush=True)
 

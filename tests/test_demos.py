@@ -118,6 +118,20 @@ def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
     # (the demo runs on one BLAS thread, `npvae eval` on as many as it is given).
     assert json.loads(result.stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], rel=1e-6)
 
+    # A longer --epochs on resume re-spaces the stages over 12 epochs: the ones that would have
+    # ended by epoch 8 are skipped, the rest are logged after the old ones, and the change is recorded.
+    resume = args + ["--resume", "--epochs"]
+    result = run(resume + ["8"], cwd=tmp_path)
+    assert result.returncode == 2 and "--epochs must be more than the 8 epochs" in result.stderr
+    result = run(resume + ["12"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = json.loads((out / "stages.json").read_text())
+    assert log["extended"] == [dict(at_epoch=8, epochs_before=8, epochs=12)]
+    assert [s["end_epoch"] for s in log["stages"]] == list(range(1, 9)) + [9, 11, 12]
+    assert [s["stage"] for s in log["stages"][8:]] == [6, 7, 8]
+    assert log["config"]["epochs"] == 12 and log["final"]["epochs"] == 12
+    assert np.diff([s["epoch_seconds_total"] for s in log["stages"]]).min() > 0
+
 
 def test_every_demo_is_tested():
     assert sorted(p.stem for p in (REPO / "demos").glob("*.py")) == sorted(DEMOS)
