@@ -20,6 +20,11 @@ the whole test set. The run directory is an ordinary npvae run:
     python demos/reproduce_iwae.py                       # the VAE, k = 1
     python demos/reproduce_iwae.py --k 5 --out demos/out/iwae5
     python demos/reproduce_iwae.py --quick               # a smoke test, ~15 s
+    python demos/reproduce_iwae.py --k 5 --out demos/out/iwae5 --resume --epochs 780
+
+The last line continues a finished (or interrupted) run to 780 epochs. The eight
+stages are spread over the new length, so the rate goes back up to the one the
+longer schedule has at the current epoch (a warm restart), then falls to 1e-4 again.
 """
 import os
 
