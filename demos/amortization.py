@@ -54,12 +54,7 @@ def main():
                                        else (N_IMAGES, STEPS, N_EVAL, GRID_N))
     start = time.perf_counter()
 
-    dataset = DATASET
-    try:
-        datasets.load(DATASET, args.data_dir)
-    except FileNotFoundError as e:
-        print(f"note: {e}\nnote: using the built-in {FALLBACK!r} set instead")
-        dataset = FALLBACK
+    dataset = datasets.name_or_fallback(DATASET, FALLBACK, args.data_dir)
     config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=epochs, n_train=n_train,
                          hidden=HIDDEN, z_dim=Z_DIM, seed=SEED)
     print(f"training on {dataset}: {HIDDEN} hidden, Z = {Z_DIM}, {epochs} epochs")

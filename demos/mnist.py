@@ -60,12 +60,7 @@ def main():
     epochs, n_train, n_test = (QUICK_EPOCHS, QUICK_N_TRAIN, QUICK_N_TEST) if args.quick else (EPOCHS, N_TRAIN, N_TEST)
     start = time.perf_counter()
 
-    dataset = DATASET
-    try:
-        datasets.load(DATASET, args.data_dir)
-    except FileNotFoundError as e:
-        print(f"note: {e}\nnote: using the built-in {FALLBACK!r} set instead")
-        dataset = FALLBACK
+    dataset = datasets.name_or_fallback(DATASET, FALLBACK, args.data_dir)
 
     main_run = train(f"z{Z_DIM}", Z_DIM, args, dataset, epochs, n_train, args.out)
     flat_run = train("z2", 2, args, dataset, epochs, n_train, args.out)

@@ -74,12 +74,7 @@ def main():
     n_candidates, grid_n = (QUICK_N_CANDIDATES, QUICK_GRID_N) if q else (N_CANDIDATES, GRID_N)
     start = time.perf_counter()
 
-    dataset = DATASET
-    try:
-        datasets.load(DATASET, args.data_dir)
-    except FileNotFoundError as e:
-        print(f"note: {e}\nnote: using the built-in {FALLBACK!r} set instead")
-        dataset = FALLBACK
+    dataset = datasets.name_or_fallback(DATASET, FALLBACK, args.data_dir)
     config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=epochs, n_train=n_train,
                          hidden=HIDDEN, z_dim=2, seed=SEED)
     print(f"training on {dataset}: {HIDDEN} hidden, Z = 2, {epochs} epochs")

@@ -33,7 +33,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -86,12 +85,7 @@ def main():
         args.out = Path(__file__).parent / "out" / ("vae" if args.k == 1 else f"iwae{args.k}")
     start = time.perf_counter()
 
-    dataset = DATASET
-    try:
-        datasets.load(DATASET, args.data_dir)
-    except FileNotFoundError as e:
-        print(f"note: {e}\nnote: using the built-in {FALLBACK!r} set instead")
-        dataset = FALLBACK
+    dataset = datasets.name_or_fallback(DATASET, FALLBACK, args.data_dir)
     epochs, n_train, final_n = args.epochs, None, None
     stage_n, stage_k, final_k = args.stage_n, args.stage_k, args.final_k
     if args.quick:

@@ -779,3 +779,16 @@ def load(name, data_dir=None, seed=0, strict=None):
     raise ValueError(
         f"unknown dataset {str(name)!r}: expected one of {', '.join(DATASETS)}, or a path to a .npy/.npz file"
     )
+
+
+def name_or_fallback(name, fallback, data_dir=None):
+    """name if that dataset loads from data_dir, else fallback (a built-in set), with a note on stdout.
+
+    For demos that run anywhere: the note says which files were missing and where they were looked for.
+    """
+    try:
+        load(name, data_dir)
+    except FileNotFoundError as e:
+        print(f"note: {e}\nnote: using the built-in {fallback!r} set instead")
+        return fallback
+    return name

@@ -811,3 +811,12 @@ def test_dataset_checks_its_fields():
         data.Dataset("d", x, x, image_shape=(2, 2))
     with pytest.raises(ValueError):
         data.Dataset("d", x, x, kind="colour")
+
+
+def test_name_or_fallback_notes_a_missing_set_and_returns_the_fallback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    assert data.name_or_fallback("mnist", "shapes", tmp_path) == "shapes"
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "using the built-in 'shapes' set instead" in out
+    assert data.name_or_fallback("moons", "shapes", tmp_path) == "moons"   # a set that loads: no note
+    assert capsys.readouterr().out == ""
