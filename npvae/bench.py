@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from . import data as datasets
+from . import parallel
 from .model import VAE
 from .optim import Adam
 
@@ -67,15 +68,16 @@ def _mnist_or_stand_in(data_dir, n=60000):
         return (rng.random((n, 784)) ** 4 * 255).astype(np.uint8), "random uint8 stand-in for mnist"
 
 
-def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, z_dim):
-    """One training epoch over x_train as npvae.train does it, against its matmul floor."""
+def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, z_dim, threads="auto"):
+    """One training epoch over x_train as npvae.train does it (threads as there), against its matmul floor."""
     from .train import make_prepare, make_step
     model = VAE(784, hidden, z_dim, activation=activation, dtype=np.float32, seed=0)
     optimizer = Adam(model.params)
     n = x_train.shape[0]
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
     rng = np.random.default_rng(0)
-    step = make_step(model, optimizer, make_prepare("dynamic", 0.5, "bernoulli", "grey", model.dtype))
+    step = make_step(model, optimizer, make_prepare("dynamic", 0.5, "bernoulli", "grey", model.dtype),
+                     threads=threads)
 
     def epoch():
         perm = rng.permutation(n)
@@ -90,7 +92,8 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
         floor_t.append(_median_time(floor_fn, 1)[0])
     t, f = statistics.median(epoch_t), statistics.median(floor_t)
     return {"name": name, "seconds": t, "floor_seconds": f, "ratio": t / f,
-            "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source}
+            "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source,
+            "threads": parallel.resolve_threads(threads)}
 
 
 def bench_log_likelihood(k, n_images, x, repeats):
@@ -197,7 +200,8 @@ def format_results(results):
         if "ratio" in r:
             lines.append(f"{r['name']:<44} {r['examples_per_s']:9.0f} ex/s  floor {r['floor_examples_per_s']:9.0f} ex/s"
                          f"  ({r['seconds']:.2f} s vs {r['floor_seconds']:.2f} s)  ratio {r['ratio']:.2f}"
-                         f"  target <= {r['target_ratio']}")
+                         f"  target <= {r['target_ratio']}"
+                         + (f"  ({r['threads']} threads)" if "threads" in r else ""))
         elif "megabytes" in r:
             lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB")
         elif "seconds" in r:

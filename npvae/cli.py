@@ -41,6 +41,11 @@ positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive finite n
 nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a non-negative finite number")
 
 
+def _threads(text):
+    """'auto' or a positive integer."""
+    return text if text == "auto" else _number(int, lambda v: v >= 1, "a positive integer or 'auto'")(text)
+
+
 def widths(text):
     """'400' or '200,200' -> (400,) or (200, 200)."""
     try:
@@ -76,7 +81,8 @@ def cmd_train(args):
     if args.resume:
         if args.out:
             raise UsageError("--out and --resume exclude each other (a resumed run stays in its directory)")
-        trainer = Trainer.resume(args.resume, epochs=args.epochs, quiet=args.quiet, data_dir=args.data_dir)
+        trainer = Trainer.resume(args.resume, epochs=args.epochs, quiet=args.quiet, data_dir=args.data_dir,
+                                 threads=args.threads)
     else:
         fields = {f: getattr(args, f) for f in (
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
@@ -91,7 +97,7 @@ def cmd_train(args):
         if (out / "config.json").exists():
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} "
                              f"or choose another directory")
-        trainer = Trainer(config, out, quiet=args.quiet)
+        trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads)
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
                     f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
                     f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
@@ -252,6 +258,9 @@ def build_parser():
     p.add_argument("--n-train", type=positive_int, help="use only the first N training examples")
     p.add_argument("--patience", type=positive_int, help="early stopping: epochs without improvement")
     p.add_argument("--no-init-bias", action="store_true", help="do not start the decoder at the data mean")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="threads that share each minibatch (default auto: 2 where NumPy's OpenBLAS allows, "
+                        "else 1); runs agree to float rounding, and a fixed count repeats bit for bit")
     p.add_argument("--seed", type=int, help="seed for everything random (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<dataset>)")

@@ -128,29 +128,51 @@ class VAE:
         for name, shape in shapes.items():
             offsets[name] = size
             size += -(-int(np.prod(shape)) // align) * align
-        self.flat_params, self.flat_grads = _aligned_zeros(size, self.dtype), _aligned_zeros(size, self.dtype)
-        self.params, self.grads = {}, {}
-        for name, shape in shapes.items():
-            o, n = offsets[name], int(np.prod(shape))
-            self.params[name] = self.flat_params[o:o + n].reshape(shape)
-            self.grads[name] = self.flat_grads[o:o + n].reshape(shape)
+        self._views = {name: (offsets[name], shape) for name, shape in shapes.items()}
+        self.flat_params, self.params = self._allocate(size)
+        self.flat_grads, self.grads = self._allocate(size)
         init_rng = np.random.default_rng(self.seed)
-        layers = {}
-        for name, fan_in, fan_out, act in specs:
-            W, b = self.params[name + ".W"], self.params[name + ".b"]
+        for name, fan_in, fan_out, _ in specs:
             # The hidden layers' activation sets the scale of the weights that feed it.
             # log_sigma heads start with zero weights, so every sigma starts at
             # exp(bias) whatever the input: a random head would put some sigmas
             # near e^-10 at step one, where (x - mean)^2 / sigma^2 makes the
             # first gradients overflow. (The bias and the data still break symmetry.)
             if not name.endswith("log_sigma"):
+                W = self.params[name + ".W"]
                 W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
-            layers[name] = Dense(W, b, self.grads[name + ".W"], self.grads[name + ".b"], act)
+        self._make_layers(specs)
+
+    def _allocate(self, size):
+        """A zeroed flat buffer of `size` elements and the dict of named views into it."""
+        flat = _aligned_zeros(size, self.dtype)
+        return flat, {name: flat[o:o + int(np.prod(shape))].reshape(shape)
+                      for name, (o, shape) in self._views.items()}
+
+    def _make_layers(self, specs):
+        """The Dense layers over self.params and self.grads, and the networks made of them."""
+        layers = {name: Dense(self.params[name + ".W"], self.params[name + ".b"],
+                              self.grads[name + ".W"], self.grads[name + ".b"], act)
+                  for name, _, _, act in specs}
         n_hidden = len(self.hidden)
         self.encoder = MLP([layers[f"enc.h{i}"] for i in range(n_hidden)])
         self.enc_mu, self.enc_log_sigma = layers["enc.mu"], layers["enc.log_sigma"]
         self.decoder = MLP([layers[f"dec.h{i}"] for i in range(n_hidden)])
         self.dec_heads = [layers[n] for n in ("dec.logits", "dec.mean", "dec.log_sigma") if n in layers]
+
+    def replica(self):
+        """A VAE that shares this one's parameters (the same arrays) but has its own gradients.
+
+        Its forward and backward keep their own caches and write its own
+        gradient buffer, so several replicas can work on parts of one batch at
+        once (npvae.parallel); an update to the parameters is seen by all.
+        """
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin._cache = twin._cache_iwae = None
+        twin.flat_grads, twin.grads = twin._allocate(self.flat_grads.size)
+        twin._make_layers(self._layer_specs())
+        return twin
 
     @property
     def n_params(self):

@@ -4,7 +4,11 @@ An optimizer holds references to the parameter arrays and changes them only in
 step(). Its state is keyed by parameter name, so state_dict() can go into a
 checkpoint next to the parameters and load_state_dict() can bring it back.
 """
+import functools
+
 import numpy as np
+
+from .parallel import split
 
 
 def _check_params(params):
@@ -91,8 +95,12 @@ class Optimizer:
             tmp = self._tmp[key] = np.empty_like(like)
         return tmp
 
-    def step(self, grads):
-        """Apply one update to every parameter from grads (same keys and shapes as params)."""
+    def step(self, grads, workers=None):
+        """Apply one update to every parameter from grads (same keys and shapes as params).
+
+        workers (npvae.parallel.Workers) splits the flat update into that many
+        ranges, updated at once; element-wise arithmetic, so the result is the same.
+        """
         self._check_grads(grads)
         self.t += 1
         self._begin_step()
@@ -103,7 +111,12 @@ class Optimizer:
             span = self._layout[0]
             arrays = [span, grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
             arrays.append(self._scratch(None, span))
-            self._update(*arrays)
+            if workers is None:
+                self._update(*arrays)
+                return
+            cuts = split(span.size, workers.n, align=16)
+            workers.run([functools.partial(self._update, *(a[start:stop] for a in arrays))
+                         for start, stop in zip(cuts, cuts[1:])])
             return
         for name, p in self.params.items():
             states = [self.state[s][name] for s in self.state_names]

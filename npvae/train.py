@@ -8,6 +8,7 @@ in every checkpoint, so a resumed run ends bit for bit where an uninterrupted
 one would.
 """
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as datasets
+from . import parallel
 from .evaluate import elbo_stats
 from .model import VAE
 from .optim import Adam
@@ -179,30 +181,54 @@ def make_prepare(binarize, threshold, likelihood, kind, dtype):
     return lambda x, rng: datasets.to_float(x, dtype)
 
 
-def make_step(model, optimizer, prepare, objective="elbo", k=1):
+def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
     """A function (stored rows, beta, rng) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
 
     One optimizer step on one minibatch: the whole hot path of training.
+    threads > 1 (or "auto") splits the minibatch over that many threads
+    (npvae.parallel): the same step to float rounding, on several cores.
     """
     Z = model.z_dim
+    n = parallel.resolve_threads(threads)
+    if n > 1:
+        workers = parallel.Workers(n)
+        replicas = [model] + [model.replica() for _ in range(n - 1)]
+
+    def forward_backward(replica, x, eps, B, beta):
+        """Gradients of this part's share of the loss -mean over all B rows; its sums of the terms."""
+        b = x.shape[0]
+        if objective == "elbo":
+            log_px_z, kl = replica.forward(x, eps)
+            # loss = -mean(log_px_z - beta * kl)
+            replica.backward(np.full(b, -1.0 / B), np.full(b, beta / B))
+            return float(np.sum(log_px_z, dtype=np.float64)), float(np.sum(kl, dtype=np.float64))
+        bound = replica.forward_iwae(x, eps)
+        replica.backward_iwae(np.full(b, -1.0 / B))
+        return float(np.sum(bound, dtype=np.float64)), 0.0
+
+    def add_grads(start, stop):
+        """grads[start:stop] = the replicas' sum there; -> its squared norm."""
+        g = model.flat_grads[start:stop]
+        for replica in replicas[1:]:
+            g += replica.flat_grads[start:stop]
+        return float(np.dot(g, g))
 
     def step(rows, beta, rng):
         x = prepare(rows, rng)
         B = x.shape[0]
-        if objective == "elbo":
-            eps = rng.standard_normal((B, Z), dtype=model.dtype)
-            log_px_z, kl = model.forward(x, eps)
-            # loss = -mean(log_px_z - beta * kl)
-            model.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
-            sums = float(np.sum(log_px_z, dtype=np.float64)), float(np.sum(kl, dtype=np.float64))
+        eps = rng.standard_normal((B, Z) if objective == "elbo" else (B, k, Z), dtype=model.dtype)
+        if n == 1 or B < n:
+            sums = forward_backward(model, x, eps, B, beta)
+            g2 = float(np.dot(model.flat_grads, model.flat_grads))
         else:
-            eps = rng.standard_normal((B, k, Z), dtype=model.dtype)
-            bound = model.forward_iwae(x, eps)
-            model.backward_iwae(np.full(B, -1.0 / B))
-            sums = float(np.sum(bound, dtype=np.float64)), 0.0
-        g2 = float(np.dot(model.flat_grads, model.flat_grads))
+            cuts = parallel.split(B, n)
+            parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
+                                 for r, a, b in zip(replicas, cuts, cuts[1:])])
+            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            cuts = parallel.split(model.flat_grads.size, n, align=16)
+            g2 = sum(workers.run([functools.partial(add_grads, a, b) for a, b in zip(cuts, cuts[1:])]))
         if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-            optimizer.step(model.grads)
+            optimizer.step(model.grads, workers if n > 1 else None)
         return sums[0], sums[1], g2
     return step
 
@@ -249,10 +275,17 @@ def test_set(config, model, data_dir=None, seed=0):
 
 
 class Trainer:
-    """Trains a VAE as config says and keeps its run directory up to date."""
+    """Trains a VAE as config says and keeps its run directory up to date.
 
-    def __init__(self, config, out, quiet=False, stream=sys.stdout):
+    threads: how many threads share each minibatch (npvae.parallel); "auto"
+    is 2 where NumPy's OpenBLAS lets each thread keep to one BLAS thread,
+    else 1. Runs with different counts agree to float rounding; a run resumed
+    with the same count continues bit for bit.
+    """
+
+    def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto"):
         self.config = config.validate()
+        self.threads = parallel.resolve_threads(threads)
         self.out = Path(out)
         self.quiet, self.stream = quiet, stream
         self.data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
@@ -280,7 +313,7 @@ class Trainer:
         self.optimizer = Adam(self.model.params, lr=config.lr)
         self._step = make_step(self.model, self.optimizer, make_prepare(
             config.binarize, config.threshold, self.likelihood, self.data.kind, self.model.dtype),
-            config.objective, config.k)
+            config.objective, config.k, self.threads)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -309,7 +342,7 @@ class Trainer:
                         self.history, extra)
 
     @classmethod
-    def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None):
+    def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None, threads="auto"):
         """A Trainer in the state of run/checkpoint.npz; epochs may extend the run."""
         run = Path(run)
         if not (run / ckpt.CONFIG).is_file():
@@ -321,7 +354,7 @@ class Trainer:
         if data_dir is not None:
             config.data_dir = str(data_dir)
         state = ckpt.read_state(run / ckpt.LATEST)
-        trainer = cls(config, run, quiet=quiet, stream=stream)
+        trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads)
         path = run / ckpt.LATEST
         ckpt.restore_params(trainer.model, state, path)
         trainer.optimizer.load_state_dict(ckpt.optimizer_state_of(state))

@@ -150,6 +150,8 @@ BAD_COMMAND_LINES = [
     (["train", "--likelihood", "poisson"], r"--likelihood: invalid choice"),
     (["train", "--epochs", "ten"], r"--epochs: expected a positive integer, got 'ten'"),
     (["train", "--k", "0"], r"--k: expected a positive integer"),
+    (["train", "--threads", "0"], r"--threads: expected a positive integer or 'auto', got '0'"),
+    (["train", "--threads", "many"], r"--threads: expected a positive integer or 'auto', got 'many'"),
     (["train", "--dataset", "nope", "--out", "/tmp/npvae-never"], r"unknown dataset 'nope'"),
     (["train", "--dataset", "ring", "--batch-size", "100000", "--out", "/tmp/npvae-never"],
      r"batch_size \(100000\) is larger than the training set"),

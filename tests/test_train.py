@@ -136,8 +136,8 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
     original = t.optimizer.step
     calls = []
 
-    def step_then_interrupt(grads):
-        original(grads)
+    def step_then_interrupt(grads, *workers):
+        original(grads, *workers)
         calls.append(1)
         if len(calls) == 17:   # in the middle of the second epoch (12 steps per epoch)
             t._on_sigint(signal.SIGINT, None)

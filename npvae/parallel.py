@@ -1,0 +1,137 @@
+"""Data-parallel training steps on several cores, with plain Python threads.
+
+NumPy's element-wise operations (activations, the likelihood, Adam) run on
+one core, and the matrix products of a VAE's minibatch are too small for
+OpenBLAS's own threads to gain much. So a step splits the minibatch instead:
+
+    thread j:  forward and backward on rows [a_j, b_j) of the batch, with
+               upstream gradient -1/B per row (B the whole batch), into its
+               own replica's gradient buffer (model.replica())
+    thread j:  grads[range j] = sum over replicas of their grads[range j]
+    thread j:  the optimizer's update on range j of the flat parameter buffer
+
+The gradient is the same sum as one thread's, added in another order, so a
+step agrees with the serial one to float rounding; for a given number of
+threads every run is bit for bit reproducible (the split does not depend on
+timing). NumPy releases the GIL inside its loops and BLAS calls, which is what
+lets the threads overlap. Each thread asks OpenBLAS for one BLAS thread of
+its own (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the threads
+do not also start BLAS's pool; without that control `threads="auto"` stays on
+one thread.
+"""
+import ctypes
+import os
+import queue
+import threading
+import weakref
+
+import numpy as np
+
+_BLAS_LOCAL = []  # [function or None], found once
+
+
+def blas_local_threads():
+    """OpenBLAS's openblas_set_num_threads_local(n) -> previous n, or None if NumPy's BLAS lacks it.
+
+    Looks for an OpenBLAS library among those the process has loaded (Linux:
+    /proc/self/maps), preferring the one NumPy ships.
+    """
+    if _BLAS_LOCAL:
+        return _BLAS_LOCAL[0]
+    found = None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:
+        paths = set()
+    for path in sorted(paths, key=lambda p: "numpy" not in p):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        found = fn
+        break
+    _BLAS_LOCAL.append(found)
+    return found
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_threads(threads):
+    """'auto' -> min(2, usable CPUs) where OpenBLAS's per-thread control exists, else 1; an int >= 1 as is."""
+    if threads == "auto" or threads is None:
+        return min(2, usable_cpus()) if blas_local_threads() is not None else 1
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or 'auto', got {threads!r}")
+    return int(threads)
+
+
+def _worker(tasks, results, blas_local):
+    if blas_local is not None:
+        blas_local(1)
+    while True:
+        fn = tasks.get()
+        if fn is None:
+            return
+        try:
+            results.put((True, fn()))
+        except BaseException as e:  # handed to the caller, who re-raises it
+            results.put((False, e))
+
+
+class Workers:
+    """n - 1 helper threads; run(fns) calls fns[0] here and fns[j] on helper j, all at once.
+
+    The helpers stop when the Workers object is garbage collected or close() is called.
+    """
+
+    def __init__(self, n):
+        self.n = n
+        self._blas_local = blas_local_threads()
+        self._queues = [(queue.SimpleQueue(), queue.SimpleQueue()) for _ in range(n - 1)]
+        for tasks, results in self._queues:
+            threading.Thread(target=_worker, args=(tasks, results, self._blas_local), daemon=True).start()
+        self._finalizer = weakref.finalize(self, _stop, [tasks for tasks, _ in self._queues])
+
+    def run(self, fns):
+        """[f_0, ..., f_{n-1}] -> [f_0(), ..., f_{n-1}()], computed concurrently; re-raises the first error."""
+        if len(fns) != self.n:
+            raise ValueError(f"run needs {self.n} functions, got {len(fns)}")
+        for (tasks, _), fn in zip(self._queues, fns[1:]):
+            tasks.put(fn)
+        previous = None if self._blas_local is None else self._blas_local(1)
+        try:
+            first = (True, fns[0]())
+        except BaseException as e:
+            first = (False, e)
+        finally:
+            if previous is not None:
+                self._blas_local(previous)
+        out = [first] + [results.get() for _, results in self._queues]
+        for ok, value in out:
+            if not ok:
+                raise value
+        return [value for _, value in out]
+
+    def close(self):
+        self._finalizer()
+
+
+def _stop(task_queues):
+    for tasks in task_queues:
+        tasks.put(None)
+
+
+def split(n, parts, align=1):
+    """Boundaries 0 = c_0 <= c_1 <= ... <= c_parts = n of nearly equal pieces, inner ones multiples of align."""
+    cuts = [0]
+    for j in range(1, parts):
+        cuts.append(min(n, (n * j // parts) // align * align))
+    return cuts + [n]

@@ -1,0 +1,170 @@
+"""Data-parallel steps: replicas, the worker threads, and a split step against the serial one."""
+import numpy as np
+import pytest
+
+from npvae import parallel
+from npvae.model import VAE
+from npvae.optim import SGD, Adam
+from npvae.train import TrainConfig, Trainer, make_prepare, make_step
+
+
+def small_vae(dtype=np.float64, **kw):
+    base = dict(x_dim=12, hidden=(9, 7), z_dim=3, activation="tanh", dtype=dtype, seed=2)
+    base.update(kw)
+    return VAE(**base)
+
+
+def binary_rows(n, d=12, seed=0):
+    return (np.random.default_rng(seed).random((n, d)) > 0.5).astype(np.uint8) * 255
+
+
+# --- split and resolve_threads -----------------------------------------------------------
+
+@pytest.mark.parametrize("n, parts, align", [(10, 2, 1), (11, 3, 1), (1000, 2, 16), (5, 4, 1), (7, 2, 16)])
+def test_split_covers_the_range_in_order(n, parts, align):
+    cuts = parallel.split(n, parts, align)
+    assert cuts[0] == 0 and cuts[-1] == n and len(cuts) == parts + 1
+    assert all(a <= b for a, b in zip(cuts, cuts[1:]))
+    assert all(c % align == 0 for c in cuts[1:-1])
+    if align == 1:
+        assert max(np.diff(cuts)) - min(np.diff(cuts)) <= 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
+def test_resolve_threads_rejects_bad_values_naming_the_argument(bad):
+    with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'"):
+        parallel.resolve_threads(bad)
+
+
+def test_resolve_threads_auto_is_at_most_two_and_at_most_the_usable_cpus():
+    n = parallel.resolve_threads("auto")
+    assert 1 <= n <= min(2, parallel.usable_cpus())
+    if parallel.blas_local_threads() is None:
+        assert n == 1
+    assert parallel.resolve_threads(3) == 3
+
+
+# --- Workers ----------------------------------------------------------------------------------
+
+def test_workers_run_every_function_and_return_results_in_order():
+    w = parallel.Workers(3)
+    assert w.run([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+    assert w.run([lambda: "a", lambda: None, lambda: np.float64(2.5)]) == ["a", None, 2.5]
+    w.close()
+
+
+def test_workers_reraise_an_error_from_a_helper_and_stay_usable():
+    w = parallel.Workers(2)
+
+    def boom():
+        raise ArithmeticError("from the helper")
+    with pytest.raises(ArithmeticError, match="from the helper"):
+        w.run([lambda: 1, boom])
+    with pytest.raises(ValueError, match="run needs 2 functions, got 1"):
+        w.run([lambda: 1])
+    assert w.run([lambda: 4, lambda: 5]) == [4, 5]
+
+
+def test_workers_really_run_at_the_same_time():
+    # Each function waits for the other at a barrier: run() can only return if both run at once.
+    import threading
+    barrier = threading.Barrier(2, timeout=10)
+    w = parallel.Workers(2)
+    assert w.run([barrier.wait, barrier.wait]) is not None
+
+
+def test_main_thread_blas_setting_is_restored_after_run():
+    blas_local = parallel.blas_local_threads()
+    if blas_local is None:
+        pytest.skip("NumPy's BLAS has no per-thread thread count")
+    before = blas_local(0)
+    blas_local(before)
+    parallel.Workers(2).run([lambda: None, lambda: None])
+    after = blas_local(before)
+    assert after == before
+
+
+# --- replicas ----------------------------------------------------------------------------------
+
+def test_replica_shares_parameters_but_not_gradients_or_caches():
+    m = small_vae()
+    r = m.replica()
+    assert r.flat_params is m.flat_params
+    assert all(r.params[n] is m.params[n] for n in m.params)
+    assert not np.shares_memory(r.flat_grads, m.flat_grads)
+    rng = np.random.default_rng(1)
+    x = (rng.random((5, 12)) > 0.5).astype(np.float64)
+    eps = rng.standard_normal((5, 3))
+    m.params["dec.logits.b"][...] += 0.3  # an update to the model is an update to the replica
+    loss_m, g_m = m.loss_and_grads(x, eps)
+    g_before = m.flat_grads.copy()
+    loss_r, g_r = r.loss_and_grads(x[:2], eps[:2])   # writes only r's gradients
+    assert np.array_equal(m.flat_grads, g_before)
+    fresh = small_vae()
+    fresh.flat_params[...] = m.flat_params
+    assert loss_r == fresh.loss_and_grads(x[:2], eps[:2])[0]
+    for n in g_r:
+        assert np.array_equal(g_r[n], fresh.grads[n]), n
+
+
+# --- the parallel step against the serial one ---------------------------------------------------------
+
+@pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 4)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_step_computes_the_serial_gradient_and_update(objective, k, threads):
+    """float64: split over threads, the gradient and the update agree with one thread's to rounding."""
+    rows = binary_rows(11)
+    prepare = make_prepare("none", 0.5, "bernoulli", "grey", np.float64)
+    out = {}
+    for n in (1, threads):
+        m = small_vae()
+        opt = SGD(m.params, lr=0.1)
+        step = make_step(m, opt, prepare, objective, k, threads=n)
+        before = m.flat_params.copy()
+        sums = step(rows, 0.7 if objective == "elbo" else 1.0, np.random.default_rng(5))
+        out[n] = sums, m.flat_grads.copy(), m.flat_params - before
+    (s1, g1, d1), (sn, gn, dn) = out[1], out[threads]
+    np.testing.assert_allclose(sn, s1, rtol=1e-12)
+    assert np.abs(g1).max() > 0
+    np.testing.assert_allclose(gn, g1, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(dn, d1, rtol=1e-10, atol=1e-15)
+
+
+def test_parallel_step_with_fewer_rows_than_threads_runs_serially():
+    m = small_vae()
+    step = make_step(m, Adam(m.params), make_prepare("none", 0.5, "bernoulli", "grey", np.float64),
+                     threads=2)
+    rec, kl, g2 = step(binary_rows(1), 1.0, np.random.default_rng(0))
+    assert np.isfinite(rec) and np.isfinite(kl) and g2 > 0
+
+
+def test_parallel_adam_update_is_bit_identical_to_the_serial_one():
+    """The split update is element-wise, so cutting it into ranges changes no bit (float32)."""
+    results = []
+    for workers in (None, parallel.Workers(2)):
+        m = small_vae(np.float32)
+        opt = Adam(m.params, lr=0.01)
+        rng = np.random.default_rng(3)
+        for _ in range(5):
+            m.flat_grads[...] = rng.standard_normal(m.flat_grads.size)
+            opt.step(m.grads, workers)
+        results.append(m.flat_params.copy())
+    assert np.array_equal(results[0], results[1])
+
+
+def test_training_with_two_threads_is_reproducible_and_close_to_one_thread(tmp_path):
+    config = dict(dataset="shapes", epochs=2, batch_size=50, hidden=(32,), z_dim=4, n_train=600,
+                  n_valid=200, seed=3)
+    finals = {}
+    for name, threads in (("a", 2), ("b", 2), ("one", 1)):
+        t = Trainer(TrainConfig(**config), tmp_path / name, quiet=True, threads=threads)
+        t.run()
+        finals[name] = t.model.flat_params.copy(), t.history["valid_elbo"][-1]
+    assert np.array_equal(finals["a"][0], finals["b"][0])
+    assert finals["a"][1] == pytest.approx(finals["one"][1], abs=0.05)
+
+
+def test_trainer_rejects_a_bad_thread_count(tmp_path):
+    with pytest.raises(ValueError, match="threads must be"):
+        Trainer(TrainConfig(dataset="shapes", n_train=600, n_valid=200), tmp_path / "r", threads=0)
+    assert not (tmp_path / "r").exists()
