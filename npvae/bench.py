@@ -170,15 +170,16 @@ def bench_memory(data_dir, epochs=1):
 TARGETS = {"train 784-400-20 relu, batch 128": 1.4, "train 784-200-200-50 tanh, batch 100": 1.6}
 
 
-def run(data_dir=None, repeats=5, quick=False, memory=True):
+def run(data_dir=None, repeats=5, quick=False, memory=True, threads="auto"):
     """All benchmarks; returns a list of result dicts."""
     x_train, source = _mnist_or_stand_in(data_dir)
     if quick:
         x_train, repeats = x_train[:6000], 3
     results = [
-        bench_train("train 784-400-20 relu, batch 128", (400,), "relu", 128, x_train, repeats, source, 20),
+        bench_train("train 784-400-20 relu, batch 128", (400,), "relu", 128, x_train, repeats, source, 20,
+                    threads),
         bench_train("train 784-200-200-50 tanh, batch 100", (200, 200), "tanh", 100, x_train, repeats,
-                    source, 50),
+                    source, 50, threads),
     ]
     results[0]["target_ratio"], results[1]["target_ratio"] = 1.4, 1.6
     ll = bench_log_likelihood(5000, 100 if quick else 1000, x_train, 1 if quick else 3)

@@ -212,7 +212,7 @@ def cmd_plot(args):
 def cmd_bench(args):
     from . import bench
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
-                        memory=not args.no_memory)
+                        memory=not args.no_memory, threads=args.threads)
     print(bench.main_json(results) if args.json else bench.format_results(results))
     return 0
 
@@ -307,6 +307,7 @@ def build_parser():
     p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
     p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    p.add_argument("--threads", type=_threads, default="auto", help="training threads, as in npvae train")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
     return parser
