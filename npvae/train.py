@@ -213,6 +213,10 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
             g += replica.flat_grads[start:stop]
         return float(np.dot(g, g))
 
+    if n > 1:  # the gradient buffer's ranges, one per thread, fixed for the run
+        grad_cuts = parallel.split(model.flat_grads.size, n, align=16)
+        add_grads_parts = [functools.partial(add_grads, a, b) for a, b in zip(grad_cuts, grad_cuts[1:])]
+
     def step(rows, beta, rng):
         x = prepare(rows, rng)
         B = x.shape[0]
@@ -225,8 +229,7 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
             parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
                                  for r, a, b in zip(replicas, cuts, cuts[1:])])
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            cuts = parallel.split(model.flat_grads.size, n, align=16)
-            g2 = sum(workers.run([functools.partial(add_grads, a, b) for a, b in zip(cuts, cuts[1:])]))
+            g2 = sum(workers.run(add_grads_parts))
         if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
             optimizer.step(model.grads, workers if n > 1 else None)
         return sums[0], sums[1], g2
