@@ -96,8 +96,8 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
             "threads": parallel.resolve_threads(threads)}
 
 
-def bench_log_likelihood(k, n_images, x, repeats):
-    """Importance-sampled log p(x) with K samples for a 784-400-20 model, against its floor."""
+def bench_log_likelihood(k, n_images, x, repeats, threads="auto"):
+    """Importance-sampled log p(x) with K samples for a 784-400-20 model (threads as there), against its floor."""
     from .evaluate import log_likelihood
     model = VAE(784, (400,), 20, dtype=np.float32, seed=0)
     x = datasets.to_float(x[:n_images])
@@ -121,11 +121,12 @@ def bench_log_likelihood(k, n_images, x, repeats):
     floor()
     ll_t, floor_t = [], []
     for _ in range(repeats):
-        ll_t.append(_median_time(lambda: log_likelihood(model, x, k=k, rng=rng), 1)[0])
+        ll_t.append(_median_time(lambda: log_likelihood(model, x, k=k, rng=rng, threads=threads), 1)[0])
         floor_t.append(_median_time(floor, 1)[0])
     t, f = statistics.median(ll_t), statistics.median(floor_t)
     return {"name": f"log p(x), K={k}, {n_images} images, 784-400-20", "seconds": t, "floor_seconds": f,
-            "ratio": t / f, "examples_per_s": n_images / t, "floor_examples_per_s": n_images / f}
+            "ratio": t / f, "examples_per_s": n_images / t, "floor_examples_per_s": n_images / f,
+            "threads": parallel.resolve_threads(threads)}
 
 
 def bench_import(repeats=7):
@@ -182,7 +183,7 @@ def run(data_dir=None, repeats=5, quick=False, memory=True, threads="auto"):
                     source, 50, threads),
     ]
     results[0]["target_ratio"], results[1]["target_ratio"] = 1.4, 1.6
-    ll = bench_log_likelihood(5000, 100 if quick else 1000, x_train, 1 if quick else 3)
+    ll = bench_log_likelihood(5000, 100 if quick else 1000, x_train, 1 if quick else 3, threads)
     ll["target_ratio"] = 1.7
     results.append(ll)
     if memory and not quick:

@@ -160,7 +160,8 @@ def cmd_eval(args):
     if args.k is not None:
         t = time.perf_counter()
         log_px = evaluate.log_likelihood(model, x, k=args.k, rng=np.random.default_rng([args.seed, 6]),
-                                         progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"))
+                                         progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"),
+                                         threads=args.threads)
         result["log_likelihood"] = float(np.mean(log_px))
         result["log_likelihood_sem"] = float(np.std(log_px) / np.sqrt(len(log_px)))
         result["k"] = args.k
@@ -282,6 +283,8 @@ def build_parser():
                            help="also estimate log p(x) by importance sampling with K samples (e.g. 5000)")
             p.add_argument("--amortization", type=positive_int, metavar="N",
                            help="also the amortization and approximation gaps on the first N examples")
+            p.add_argument("--threads", type=_threads, default="auto",
+                           help="threads that share the examples of --k (default auto, as in npvae train)")
             p.add_argument("--json", action="store_true", help="print one JSON object")
             p.add_argument("--quiet", action="store_true", help="no progress output")
             p.set_defaults(func=cmd_eval)
@@ -307,7 +310,7 @@ def build_parser():
     p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
     p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
-    p.add_argument("--threads", type=_threads, default="auto", help="training threads, as in npvae train")
+    p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
     return parser

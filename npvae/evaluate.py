@@ -18,12 +18,15 @@ Shapes: N examples, B a batch of them, D data, H hidden, Z latent, K importance
 samples, G grid points. Values are in nats per example.
 """
 import dataclasses
+import functools
 import math
+import threading
 
 import numpy as np
 from scipy.special import logsumexp, ndtr
 
 from . import distributions as dist
+from . import parallel
 from .model import _check_positive_int
 from .optim import Adam
 
@@ -136,17 +139,22 @@ def _log_px_z_samples(model, x, z, work):
     return model.log_px_z(x[:, None, :], tuple(o.reshape(b, K, -1) for o in out))
 
 
-def _sample_batches(model, x, k, rng, q=None, batch_size=None, chunk=None):
+def _noise_seeds(rng, n):
+    """One seed per example for its own noise stream (Generator.spawn needs numpy 1.25)."""
+    return rng.integers(2 ** 63, size=n)
+
+
+def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
     """Walk x in batches of B' examples, drawing k samples z ~ q(z|x) per example in chunks of K'.
 
     Yields (s, mu, log_sigma, chunks) per batch, where chunks yields
-    (eps, z, log_px_z) with eps, z (b, K', Z) and log_px_z (b, K'). Each
-    example draws its noise from its own generator, seeded from rng, so the
-    result does not depend on B' or K': only the sums are grouped differently.
+    (eps, z, log_px_z) with eps, z (b, K', Z) and log_px_z (b, K'). Example i
+    draws its noise from its own generator, seeded by seeds[i] (_noise_seeds),
+    so the result depends neither on B' or K' (only the sums are grouped
+    differently) nor on how the examples are split over threads.
     """
     N, Z = x.shape[0], model.z_dim
     B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
-    seeds = rng.integers(2 ** 63, size=N)      # one noise stream per example (Generator.spawn needs numpy 1.25)
     work = np.empty(B_ * K_ * model.x_dim, dtype=model.dtype) if model.likelihood == "bernoulli" else None
 
     def chunks(xb, mu, log_sigma, streams):
@@ -176,7 +184,8 @@ def _log_q(eps, log_sigma):
 
 # --- log p(x) by importance sampling -----------------------------------------------------------
 
-def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, q=None):
+def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, q=None,
+                   threads="auto"):
     """x (N, D) -> (N,) float64 estimates of log p(x) by importance sampling with K = k samples.
 
         log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,  z_k ~ q(z|x)
@@ -185,13 +194,54 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     Works on batch_size examples x chunk samples at a time (see chunk_sizes) and
     combines the chunks with a running log-sum-exp in float64; the network runs
     in the model's dtype. progress(done, N) is called after each batch.
+    threads > 1 (or "auto", see npvae.parallel) splits the examples over that
+    many threads; every example keeps its own noise stream, so the estimates
+    are the same as on one thread, to float rounding.
     """
     k = _check_positive_int("k", k)
     x = model._as_x(x)
     rng = _check_rng(rng)
     q = None if q is None else _check_q(model, q, x.shape[0])
+    n = min(parallel.resolve_threads(threads), x.shape[0])
+    seeds = _noise_seeds(rng, x.shape[0])
+    if n <= 1:
+        return _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress)
+    cuts = parallel.split(x.shape[0], n)
+    if progress is not None:  # each thread reports its own examples; progress sees the total
+        progress = _SharedProgress(progress, x.shape[0])
+    parts = []
+    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        part_q = None if q is None else (q[0][a:b], q[1][a:b])
+        parts.append(functools.partial(_log_likelihood_part, model if j == 0 else model.replica(), x[a:b], k,
+                                       seeds[a:b], part_q, batch_size, chunk,
+                                       None if progress is None else progress.part(j)))
+    workers = parallel.Workers(n)
+    try:
+        return np.concatenate(workers.run(parts))
+    finally:
+        workers.close()
+
+
+class _SharedProgress:
+    """Calls progress(done, N) with the examples done by all threads together."""
+
+    def __init__(self, progress, total):
+        self.progress, self.total = progress, total
+        self.done = {}
+        self.lock = threading.Lock()
+
+    def part(self, j):
+        def report(done, _):
+            with self.lock:
+                self.done[j] = done
+                self.progress(sum(self.done.values()), self.total)
+        return report
+
+
+def _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress):
+    """log_likelihood on one thread: x (n, D) with its n noise seeds -> (n,)."""
     log_px = np.empty(x.shape[0])
-    for s, mu, log_sigma, chunks in _sample_batches(model, x, k, rng, q, batch_size, chunk):
+    for s, mu, log_sigma, chunks in _sample_batches(model, x, k, seeds, q, batch_size, chunk):
         total = np.full(s.stop - s.start, -np.inf)                   # log sum_k w_k so far
         for eps, z, log_px_z in chunks:
             # the (b, K', Z) terms are small, so they are formed in float64 too
@@ -205,7 +255,8 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     return log_px
 
 
-def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None):
+def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None,
+                         threads="auto"):
     """x (N, D) -> (N,) naive Monte Carlo estimates of log p(x) with z_k ~ p(z) = N(0, I).
 
         log p(x) ~= logsumexp_k log p(x|z_k) - log K
@@ -216,7 +267,7 @@ def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None
     """
     x = model._as_x(x)
     zeros = np.zeros((x.shape[0], model.z_dim), dtype=model.dtype)
-    return log_likelihood(model, x, k, rng, batch_size, chunk, progress, q=(zeros, zeros))
+    return log_likelihood(model, x, k, rng, batch_size, chunk, progress, q=(zeros, zeros), threads=threads)
 
 
 def elbo_estimate(model, x, q=None, n_samples=1000, rng=None, batch_size=None, chunk=None):
@@ -230,7 +281,8 @@ def elbo_estimate(model, x, q=None, n_samples=1000, rng=None, batch_size=None, c
     rng = _check_rng(rng)
     q = None if q is None else _check_q(model, q, x.shape[0])
     elbo = np.empty(x.shape[0])
-    for s, mu, log_sigma, chunks in _sample_batches(model, x, n_samples, rng, q, batch_size, chunk):
+    seeds = _noise_seeds(rng, x.shape[0])
+    for s, mu, log_sigma, chunks in _sample_batches(model, x, n_samples, seeds, q, batch_size, chunk):
         recon = sum(np.sum(log_px_z, axis=1, dtype=np.float64) for _, _, log_px_z in chunks)
         elbo[s] = recon / n_samples - dist.kl_standard_normal(mu.astype(np.float64),
                                                               log_sigma.astype(np.float64))

@@ -168,3 +168,57 @@ def test_trainer_rejects_a_bad_thread_count(tmp_path):
     with pytest.raises(ValueError, match="threads must be"):
         Trainer(TrainConfig(dataset="shapes", n_train=600, n_valid=200), tmp_path / "r", threads=0)
     assert not (tmp_path / "r").exists()
+
+
+# --- log p(x) split over threads -----------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("given_q", [False, True])
+def test_log_likelihood_over_threads_equals_one_thread(threads, given_q):
+    from npvae import evaluate
+    model = small_vae()
+    x = binary_rows(11, seed=4) / 255.0
+    q = None
+    if given_q:  # a q that is not the encoder's, so that splitting it by rows is checked
+        rng = np.random.default_rng(9)
+        q = (rng.standard_normal((11, 3)), rng.uniform(-1.0, 0.0, (11, 3)))
+    kw = dict(k=40, batch_size=2, chunk=16, q=q)  # several batches and chunks per thread
+    serial = evaluate.log_likelihood(model, x, rng=np.random.default_rng(3), threads=1, **kw)
+    split = evaluate.log_likelihood(model, x, rng=np.random.default_rng(3), threads=threads, **kw)
+    assert split.shape == (11,) and np.all(np.isfinite(split))
+    np.testing.assert_allclose(split, serial, rtol=1e-12)
+    # and the noise is each example's own: a different seed moves every estimate
+    other = evaluate.log_likelihood(model, x, rng=np.random.default_rng(4), threads=threads, **kw)
+    assert np.all(other != split)
+
+
+def test_log_likelihood_with_more_threads_than_examples_and_the_prior_version():
+    from npvae import evaluate
+    model = small_vae()
+    x = binary_rows(2, seed=5) / 255.0
+    a = evaluate.log_likelihood(model, x, k=30, rng=np.random.default_rng(1), threads=4)
+    b = evaluate.log_likelihood(model, x, k=30, rng=np.random.default_rng(1), threads=1)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    x = binary_rows(6, seed=6) / 255.0
+    a = evaluate.log_likelihood_prior(model, x, k=30, rng=np.random.default_rng(2), threads=2)
+    b = evaluate.log_likelihood_prior(model, x, k=30, rng=np.random.default_rng(2), threads=1)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_log_likelihood_over_threads_reports_the_total_progress():
+    from npvae import evaluate
+    model = small_vae()
+    x = binary_rows(10, seed=7) / 255.0
+    calls = []
+    evaluate.log_likelihood(model, x, k=8, rng=np.random.default_rng(0), batch_size=2, threads=2,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert all(total == 10 for _, total in calls)
+    done = [d for d, _ in calls]
+    # each thread takes 5 examples in batches of 2, 2, 1: six reports, strictly increasing to 10
+    assert len(done) == 6 and all(a < b for a, b in zip(done, done[1:])) and done[-1] == 10
+
+
+def test_log_likelihood_rejects_a_bad_thread_count():
+    from npvae import evaluate
+    with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'"):
+        evaluate.log_likelihood(small_vae(), binary_rows(3) / 255.0, k=5, threads=0)
