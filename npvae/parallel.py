@@ -14,10 +14,12 @@ The gradient is the same sum as one thread's, added in another order, so a
 step agrees with the serial one to float rounding; for a given number of
 threads every run is bit for bit reproducible (the split does not depend on
 timing). NumPy releases the GIL inside its loops and BLAS calls, which is what
-lets the threads overlap. Each thread asks OpenBLAS for one BLAS thread of
-its own (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the threads
-do not also start BLAS's pool; without that control `threads="auto"` stays on
-one thread.
+lets the threads overlap. While the threads run, OpenBLAS is asked for one
+BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
+threads do not also start BLAS's pool; without that control `threads="auto"`
+stays on one thread. In NumPy's pthreads build of OpenBLAS that setting is
+not per thread but the process's, so Workers.run sets it before handing out
+work and puts the old count back only when every thread has finished.
 """
 import ctypes
 import os
@@ -27,18 +29,19 @@ import weakref
 
 import numpy as np
 
-_BLAS_LOCAL = []  # [function or None], found once
+_BLAS = []  # [(set_local or None, get or None)], found once
+_GET_NAMES = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_")
 
 
-def blas_local_threads():
-    """OpenBLAS's openblas_set_num_threads_local(n) -> previous n, or None if NumPy's BLAS lacks it.
+def _find_blas():
+    """(openblas_set_num_threads_local, openblas_get_num_threads) of NumPy's OpenBLAS, each or None.
 
     Looks for an OpenBLAS library among those the process has loaded (Linux:
     /proc/self/maps), preferring the one NumPy ships.
     """
-    if _BLAS_LOCAL:
-        return _BLAS_LOCAL[0]
-    found = None
+    if _BLAS:
+        return _BLAS[0]
+    found = (None, None)
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
@@ -46,14 +49,29 @@ def blas_local_threads():
         paths = set()
     for path in sorted(paths, key=lambda p: "numpy" not in p):
         try:
-            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+            lib = ctypes.CDLL(path)
+            set_local = lib.openblas_set_num_threads_local
         except (OSError, AttributeError):
             continue
-        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        found = fn
+        set_local.argtypes, set_local.restype = [ctypes.c_int], ctypes.c_int
+        get = next((getattr(lib, name) for name in _GET_NAMES if hasattr(lib, name)), None)
+        if get is not None:
+            get.argtypes, get.restype = [], ctypes.c_int
+        found = (set_local, get)
         break
-    _BLAS_LOCAL.append(found)
+    _BLAS.append(found)
     return found
+
+
+def blas_local_threads():
+    """OpenBLAS's openblas_set_num_threads_local(n) -> previous n, or None if NumPy's BLAS lacks it."""
+    return _find_blas()[0]
+
+
+def blas_threads():
+    """The number of threads OpenBLAS would use now (openblas_get_num_threads), or None if unknown."""
+    get = _find_blas()[1]
+    return None if get is None else int(get())
 
 
 def usable_cpus():
@@ -74,12 +92,16 @@ def resolve_threads(threads):
 
 
 def _worker(tasks, results, blas_local):
-    if blas_local is not None:
-        blas_local(1)
+    first = True
     while True:
         fn = tasks.get()
         if fn is None:
             return
+        if first and blas_local is not None:
+            # Where the setting is per thread, this helper's own; where it is the process's,
+            # run() has set it already, and this happens while it holds.
+            blas_local(1)
+            first = False
         try:
             results.put((True, fn()))
         except BaseException as e:  # handed to the caller, who re-raises it
@@ -104,17 +126,18 @@ class Workers:
         """[f_0, ..., f_{n-1}] -> [f_0(), ..., f_{n-1}()], computed concurrently; re-raises the first error."""
         if len(fns) != self.n:
             raise ValueError(f"run needs {self.n} functions, got {len(fns)}")
-        for (tasks, _), fn in zip(self._queues, fns[1:]):
-            tasks.put(fn)
         previous = None if self._blas_local is None else self._blas_local(1)
         try:
-            first = (True, fns[0]())
-        except BaseException as e:
-            first = (False, e)
-        finally:
+            for (tasks, _), fn in zip(self._queues, fns[1:]):
+                tasks.put(fn)
+            try:
+                first = (True, fns[0]())
+            except BaseException as e:
+                first = (False, e)
+            out = [first] + [results.get() for _, results in self._queues]
+        finally:  # only now that every thread is done: the setting may be the whole process's
             if previous is not None:
                 self._blas_local(previous)
-        out = [first] + [results.get() for _, results in self._queues]
         for ok, value in out:
             if not ok:
                 raise value

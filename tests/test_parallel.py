@@ -1,4 +1,7 @@
 """Data-parallel steps: replicas, the worker threads, and a split step against the serial one."""
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -73,15 +76,26 @@ def test_workers_really_run_at_the_same_time():
     assert w.run([barrier.wait, barrier.wait]) is not None
 
 
-def test_main_thread_blas_setting_is_restored_after_run():
-    blas_local = parallel.blas_local_threads()
-    if blas_local is None:
-        pytest.skip("NumPy's BLAS has no per-thread thread count")
-    before = blas_local(0)
-    blas_local(before)
-    parallel.Workers(2).run([lambda: None, lambda: None])
-    after = blas_local(before)
-    assert after == before
+def test_blas_runs_on_one_thread_inside_run_and_on_its_old_count_after():
+    # In NumPy's pthreads OpenBLAS the "local" setting is the process's: a helper thread that
+    # sets it, or a restore that comes before the helpers finish, changes the other threads'
+    # BLAS too. This checks the count BLAS reports, in each thread and afterwards.
+    if parallel.blas_local_threads() is None or parallel.blas_threads() is None:
+        pytest.skip("NumPy's BLAS has no thread-count control")
+    before = parallel.blas_threads()
+    w = parallel.Workers(2)
+    time.sleep(0.05)                      # the helper has started: that alone must not change it
+    assert parallel.blas_threads() == before
+
+    def late():                           # still running after the main thread's part is done
+        time.sleep(0.05)
+        return parallel.blas_threads()
+
+    for _ in range(3):                    # the first run wakes the helper; later ones reuse it
+        assert w.run([parallel.blas_threads, late]) == [1, 1]
+        time.sleep(0.05)
+        assert parallel.blas_threads() == before
+    w.close()
 
 
 # --- replicas ----------------------------------------------------------------------------------
