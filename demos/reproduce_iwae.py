@@ -28,8 +28,10 @@ longer schedule has at the current epoch (a warm restart), then falls to 1e-4 ag
 """
 import os
 
-# One BLAS thread unless told otherwise: two runs side by side (the VAE and the IWAE),
-# one per core, train faster in total than one run on two OpenBLAS threads.
+# One BLAS thread unless told otherwise. Training and the log p(x) estimates split their work
+# over threads="auto" (npvae.parallel): two threads where the process may use two cores. To run
+# the VAE and the IWAE side by side, give each its own core (e.g. `taskset -c 0 python ...`),
+# which makes "auto" one thread, so the two runs do not share cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
