@@ -3,7 +3,9 @@
 The floor of a configuration is the time NumPy takes for exactly the matrix
 products one pass needs (forward, plus the weight and input gradients for
 training), on arrays of the same shapes and dtype, timed in the same run on
-the same machine. Each figure is the median of several repeats.
+the same machine. Each figure is the median of several repeats; with
+runs > 1 the whole set runs that many times and each figure is the median of
+the runs' figures (a ratio: of the runs' own ratios).
 """
 import json
 import math
@@ -30,19 +32,27 @@ def _median_time(fn, repeats):
     return statistics.median(times), times
 
 
+def floor_layers(widths, z_dim):
+    """(fan_in, fan_out) of every Dense layer of a VAE with these widths, in the model's order.
+
+    widths: (D, H1, ..., Hn). Encoder D -> H1 -> ... -> Hn -> (mu, log_sigma);
+    decoder Z -> Hn -> ... -> H1 -> D (a Bernoulli decoder: one output head).
+    """
+    D, hidden = widths[0], tuple(widths[1:])
+    enc = (D,) + hidden
+    dec = (z_dim,) + hidden[::-1]
+    return (list(zip(enc[:-1], enc[1:])) + [(hidden[-1], z_dim)] * 2
+            + list(zip(dec[:-1], dec[1:])) + [(hidden[0], D)])
+
+
 def matmul_floor_train(widths, z_dim, batch_sizes, dtype):
     """A function that runs the matrix products of one training step per batch size.
 
-    widths: (D, H1, ..., Hn). Encoder D -> H1 -> ... -> Hn -> (mu, log_sigma);
-    decoder Z -> Hn -> ... -> H1 -> D. Forward x W per layer, backward x^T dy
-    per layer and dy W^T per layer except the encoder's first (no gradient for x).
+    Per layer (floor_layers): forward x W, backward x^T dy, and dy W^T except
+    for the encoder's first layer (no gradient for the data).
     """
     rng = np.random.default_rng(0)
-    D, hidden = widths[0], widths[1:]
-    layers = [(a, b) for a, b in zip((D,) + hidden[:-1], hidden)]          # encoder hidden
-    layers += [(hidden[-1], z_dim), (hidden[-1], z_dim)]                     # mu, log_sigma heads
-    dec = (z_dim,) + hidden[::-1]
-    layers += list(zip(dec[:-1], dec[1:])) + [(hidden[-1 - (len(hidden) - 1)], D)]  # decoder + output
+    layers = floor_layers(widths, z_dim)
     Ws = [rng.standard_normal((i, o)).astype(dtype) for i, o in layers]
     plans = {}
     for B in set(batch_sizes):
@@ -168,14 +178,8 @@ def bench_memory(data_dir, epochs=1):
     return {"name": name, "megabytes": int(lines[-1].split()[1]) / 1024.0}
 
 
-TARGETS = {"train 784-400-20 relu, batch 128": 1.4, "train 784-200-200-50 tanh, batch 100": 1.6}
-
-
-def run(data_dir=None, repeats=5, quick=False, memory=True, threads="auto"):
-    """All benchmarks; returns a list of result dicts."""
-    x_train, source = _mnist_or_stand_in(data_dir)
-    if quick:
-        x_train, repeats = x_train[:6000], 3
+def _run_once(x_train, source, data_dir, repeats, quick, memory, threads):
+    """Every benchmark once; -> a list of result dicts, each with its target."""
     results = [
         bench_train("train 784-400-20 relu, batch 128", (400,), "relu", 128, x_train, repeats, source, 20,
                     threads),
@@ -196,6 +200,38 @@ def run(data_dir=None, repeats=5, quick=False, memory=True, threads="auto"):
     return results
 
 
+# How one benchmark's figures from several runs combine: the median, except
+# peak memory, whose worst run is what a user must have.
+_COMBINE = {"seconds": statistics.median, "floor_seconds": statistics.median, "ratio": statistics.median,
+            "examples_per_s": statistics.median, "floor_examples_per_s": statistics.median, "megabytes": max}
+
+
+def combine_runs(results):
+    """One benchmark's result dicts from several runs -> one dict: the median of each figure
+    (the largest peak memory), with every run's figures under 'per_run'.
+
+    A ratio is the median of the runs' own ratios, each against the floor of its own run.
+    """
+    if len(results) == 1 or any("error" in r for r in results):
+        return next((r for r in results if "error" in r), results[0])
+    out = dict(results[0])
+    keys = [k for k in _COMBINE if k in out]
+    for k in keys:
+        out[k] = _COMBINE[k]([r[k] for r in results])
+    out["runs"] = len(results)
+    out["per_run"] = {k: [r[k] for r in results] for k in keys}
+    return out
+
+
+def run(data_dir=None, repeats=5, quick=False, memory=True, threads="auto", runs=1):
+    """All benchmarks, the whole set `runs` times over; returns one result dict per benchmark (combine_runs)."""
+    x_train, source = _mnist_or_stand_in(data_dir)
+    if quick:
+        x_train, repeats = x_train[:6000], 3
+    per_run = [_run_once(x_train, source, data_dir, repeats, quick, memory, threads) for _ in range(runs)]
+    return [combine_runs(list(results)) for results in zip(*per_run)]
+
+
 def format_results(results):
     lines = []
     for r in results:
@@ -203,11 +239,15 @@ def format_results(results):
             lines.append(f"{r['name']:<44} {r['examples_per_s']:9.0f} ex/s  floor {r['floor_examples_per_s']:9.0f} ex/s"
                          f"  ({r['seconds']:.2f} s vs {r['floor_seconds']:.2f} s)  ratio {r['ratio']:.2f}"
                          f"  target <= {r['target_ratio']}"
-                         + (f"  ({r['threads']} threads)" if "threads" in r else ""))
+                         + (f"  ({r['threads']} threads)" if "threads" in r else "")
+                         + (f"  median of {r['runs']} runs: " + ", ".join(f"{x:.2f}" for x in r["per_run"]["ratio"])
+                            if "runs" in r else ""))
         elif "megabytes" in r:
-            lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB")
+            lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB"
+                         + (f"  (largest of {r['runs']} runs)" if "runs" in r else ""))
         elif "seconds" in r:
-            lines.append(f"{r['name']:<44} {r['seconds']:9.3f} s   target <= {r['target_seconds']} s")
+            lines.append(f"{r['name']:<44} {r['seconds']:9.3f} s   target <= {r['target_seconds']} s"
+                         + (f"  (median of {r['runs']} runs)" if "runs" in r else ""))
         else:
             lines.append(f"{r['name']:<44} error: {r.get('error')}")
     return "\n".join(lines)

@@ -213,7 +213,7 @@ def cmd_plot(args):
 def cmd_bench(args):
     from . import bench
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
-                        memory=not args.no_memory, threads=args.threads)
+                        memory=not args.no_memory, threads=args.threads, runs=args.runs)
     print(bench.main_json(results) if args.json else bench.format_results(results))
     return 0
 
@@ -307,7 +307,9 @@ def build_parser():
                                    "K = 5000 on 1000 images, peak memory of npvae train and import time, "
                                    "each against its floor, the time of its matrix products alone.")
     p.add_argument("--data-dir", help="folder with MNIST (a random stand-in is timed without it)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
+    p.add_argument("--repeats", type=positive_int, default=5, help="repeats within a run; the median is reported")
+    p.add_argument("--runs", type=positive_int, default=1,
+                   help="run the whole benchmark this many times and report the median of the runs (default 1)")
     p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
