@@ -139,6 +139,21 @@ def bench_log_likelihood(k, n_images, x, repeats, threads="auto"):
             "threads": parallel.resolve_threads(threads)}
 
 
+def bench_handoff(repeats=2000):
+    """Microseconds for parallel.Workers(2).run of two no-ops: what one hand-off to a thread costs here.
+
+    A threaded training step makes three such hand-offs (forward and backward,
+    the gradient sum, Adam), so where waking a sleeping thread is slow (e.g. a
+    virtual machine whose idle cores halt) threads gain less.
+    """
+    workers = parallel.Workers(2)
+    noops = [lambda: None, lambda: None]
+    _, times = _median_time(lambda: workers.run(noops), repeats)
+    workers.close()
+    return {"name": "thread hand-off (Workers.run, 2 no-ops)", "microseconds": 1e6 * statistics.median(times),
+            "min_microseconds": 1e6 * min(times)}
+
+
 def bench_import(repeats=7):
     """Seconds for `import npvae` in a fresh interpreter (median)."""
     code = "import time; t = time.perf_counter(); import npvae; print(time.perf_counter() - t)"
@@ -197,13 +212,15 @@ def _run_once(x_train, source, data_dir, repeats, quick, memory, threads):
     imp = bench_import()
     imp["target_seconds"] = 0.25
     results.append(imp)
+    results.append(bench_handoff())
     return results
 
 
 # How one benchmark's figures from several runs combine: the median, except
 # peak memory, whose worst run is what a user must have.
 _COMBINE = {"seconds": statistics.median, "floor_seconds": statistics.median, "ratio": statistics.median,
-            "examples_per_s": statistics.median, "floor_examples_per_s": statistics.median, "megabytes": max}
+            "examples_per_s": statistics.median, "floor_examples_per_s": statistics.median, "megabytes": max,
+            "microseconds": statistics.median, "min_microseconds": statistics.median}
 
 
 def combine_runs(results):
@@ -245,6 +262,9 @@ def format_results(results):
         elif "megabytes" in r:
             lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB"
                          + (f"  (largest of {r['runs']} runs)" if "runs" in r else ""))
+        elif "microseconds" in r:
+            lines.append(f"{r['name']:<44} {r['microseconds']:9.0f} us median, {r['min_microseconds']:.0f} us at least"
+                         + (f"  (median of {r['runs']} runs)" if "runs" in r else ""))
         elif "seconds" in r:
             lines.append(f"{r['name']:<44} {r['seconds']:9.3f} s   target <= {r['target_seconds']} s"
                          + (f"  (median of {r['runs']} runs)" if "runs" in r else ""))

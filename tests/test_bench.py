@@ -45,6 +45,12 @@ def test_bench_log_likelihood_small():
     assert "K=20, 6 images" in r["name"]
 
 
+def test_bench_handoff():
+    r = bench.bench_handoff(repeats=20)
+    assert 0 < r["min_microseconds"] <= r["microseconds"]
+    assert "us median" in bench.format_results([r])
+
+
 def _fake(ratio, megabytes, seconds_import):
     return [{"name": "train", "seconds": 2.0 * ratio, "floor_seconds": 2.0, "ratio": ratio,
              "examples_per_s": 1.0 / ratio, "floor_examples_per_s": 0.5, "target_ratio": 1.4, "threads": 2},
