@@ -166,6 +166,38 @@ def test_parallel_adam_update_is_bit_identical_to_the_serial_one():
     assert np.array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_with_a_nan_weight_is_skipped(threads):
+    m = small_vae()
+    opt = Adam(m.params, lr=0.01)
+    m.params["dec.h0.W"][0, 0] = np.nan
+    before = m.flat_params.copy()
+    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=threads)
+    rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
+    assert not np.isfinite(rec) and opt.t == 0
+    np.testing.assert_array_equal(m.flat_params, before)   # NaN where it was, nothing else moved
+
+
+def test_threaded_step_is_skipped_when_one_part_has_an_infinite_gradient(monkeypatch):
+    """A finite loss with an infinite gradient on one thread: no update, and |grad|^2 says so."""
+    m = small_vae()
+    opt = Adam(m.params, lr=0.01)
+    before = m.flat_params.copy()
+    backward = VAE.backward
+
+    def backward_inf_in_replicas(self, *args):
+        grads = backward(self, *args)
+        if self is not m:
+            self.flat_grads[3] = np.inf
+        return grads
+    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)
+    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2)
+    rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
+    assert np.isfinite(rec) and np.isfinite(kl) and not np.isfinite(g2)
+    assert opt.t == 0
+    np.testing.assert_array_equal(m.flat_params, before)
+
+
 def test_training_with_two_threads_is_reproducible_and_close_to_one_thread(tmp_path):
     config = dict(dataset="shapes", epochs=2, batch_size=50, hidden=(32,), z_dim=4, n_train=600,
                   n_valid=200, seed=3)
