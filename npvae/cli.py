@@ -305,7 +305,8 @@ def build_parser():
                        description="Time one MNIST training epoch (784-400-20 ReLU, batch 128; "
                                    "784-200-200-50 tanh, batch 100), importance-sampled log p(x) with "
                                    "K = 5000 on 1000 images, peak memory of npvae train and import time, "
-                                   "each against its floor, the time of its matrix products alone.")
+                                   "each against its floor, the time of its matrix products alone, "
+                                   "and the time of one hand-off to a helper thread.")
     p.add_argument("--data-dir", help="folder with MNIST (a random stand-in is timed without it)")
     p.add_argument("--repeats", type=positive_int, default=5, help="repeats within a run; the median is reported")
     p.add_argument("--runs", type=positive_int, default=1,

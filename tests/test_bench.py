@@ -49,6 +49,10 @@ def test_bench_handoff():
     r = bench.bench_handoff(repeats=20)
     assert 0 < r["min_microseconds"] <= r["microseconds"]
     assert "us median" in bench.format_results([r])
+    slow = dict(r, microseconds=2 * r["microseconds"], min_microseconds=2 * r["min_microseconds"])
+    both = bench.combine_runs([slow, r])
+    assert both["min_microseconds"] == r["min_microseconds"]      # the least over runs
+    assert both["microseconds"] == pytest.approx(1.5 * r["microseconds"])
 
 
 def _fake(ratio, megabytes, seconds_import):
