@@ -206,11 +206,10 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     seeds = _noise_seeds(rng, x.shape[0])
     if n <= 1:
         return _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress)
-    cuts = parallel.split(x.shape[0], n)
     if progress is not None:  # each thread reports its own examples; progress sees the total
         progress = _SharedProgress(progress, x.shape[0])
     parts = []
-    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
+    for j, (a, b) in enumerate(parallel.ranges(x.shape[0], n)):
         part_q = None if q is None else (q[0][a:b], q[1][a:b])
         parts.append(functools.partial(_log_likelihood_part, model if j == 0 else model.replica(), x[a:b], k,
                                        seeds[a:b], part_q, batch_size, chunk,

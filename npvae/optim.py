@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from .parallel import split
+from .parallel import ranges
 
 
 def _check_params(params):
@@ -114,9 +114,8 @@ class Optimizer:
             if workers is None:
                 self._update(*arrays)
                 return
-            cuts = split(span.size, workers.n, align=16)
             workers.run([functools.partial(self._update, *(a[start:stop] for a in arrays))
-                         for start, stop in zip(cuts, cuts[1:])])
+                         for start, stop in ranges(span.size, workers.n, align=16)])
             return
         for name, p in self.params.items():
             states = [self.state[s][name] for s in self.state_names]

@@ -158,3 +158,9 @@ def split(n, parts, align=1):
     for j in range(1, parts):
         cuts.append(min(n, (n * j // parts) // align * align))
     return cuts + [n]
+
+
+def ranges(n, parts, align=1):
+    """[(start, stop), ...]: the pieces of range(n) that split(n, parts, align) cuts, in order."""
+    cuts = split(n, parts, align)
+    return list(zip(cuts, cuts[1:]))

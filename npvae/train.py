@@ -214,8 +214,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
         return float(np.dot(g, g))
 
     if n > 1:  # the gradient buffer's ranges, one per thread, fixed for the run
-        grad_cuts = parallel.split(model.flat_grads.size, n, align=16)
-        add_grads_parts = [functools.partial(add_grads, a, b) for a, b in zip(grad_cuts, grad_cuts[1:])]
+        add_grads_parts = [functools.partial(add_grads, a, b)
+                           for a, b in parallel.ranges(model.flat_grads.size, n, align=16)]
 
     def step(rows, beta, rng):
         x = prepare(rows, rng)
@@ -225,9 +225,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
             sums = forward_backward(model, x, eps, B, beta)
             g2 = float(np.dot(model.flat_grads, model.flat_grads))
         else:
-            cuts = parallel.split(B, n)
             parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
-                                 for r, a, b in zip(replicas, cuts, cuts[1:])])
+                                 for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
             g2 = sum(workers.run(add_grads_parts))
         if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):

@@ -33,6 +33,12 @@ def test_split_covers_the_range_in_order(n, parts, align):
         assert max(np.diff(cuts)) - min(np.diff(cuts)) <= 1
 
 
+@pytest.mark.parametrize("n, parts, align", [(11, 3, 1), (1000, 2, 16), (5, 4, 1)])
+def test_ranges_are_the_pieces_between_the_cuts(n, parts, align):
+    cuts = parallel.split(n, parts, align)
+    assert parallel.ranges(n, parts, align) == [(cuts[j], cuts[j + 1]) for j in range(parts)]
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
 def test_resolve_threads_rejects_bad_values_naming_the_argument(bad):
     with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'"):
