@@ -82,7 +82,7 @@ def cmd_train(args):
         if args.out:
             raise UsageError("--out and --resume exclude each other (a resumed run stays in its directory)")
         trainer = Trainer.resume(args.resume, epochs=args.epochs, quiet=args.quiet, data_dir=args.data_dir,
-                                 threads=args.threads)
+                                 threads=args.threads, backend=args.backend)
     else:
         fields = {f: getattr(args, f) for f in (
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
@@ -97,7 +97,7 @@ def cmd_train(args):
         if (out / "config.json").exists():
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} "
                              f"or choose another directory")
-        trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads)
+        trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads, backend=args.backend)
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
                     f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
                     f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
@@ -213,7 +213,8 @@ def cmd_plot(args):
 def cmd_bench(args):
     from . import bench
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
-                        memory=not args.no_memory, threads=args.threads, runs=args.runs)
+                        memory=not args.no_memory, threads=args.threads, runs=args.runs,
+                        backend=args.backend)
     print(bench.main_json(results) if args.json else bench.format_results(results))
     return 0
 
@@ -262,6 +263,9 @@ def build_parser():
     p.add_argument("--threads", type=_threads, default="auto",
                    help="threads that share each minibatch (default auto: 2 where NumPy's OpenBLAS allows, "
                         "else 1); runs agree to float rounding, and a fixed count repeats bit for bit")
+    p.add_argument("--backend", choices=("auto", "threads", "processes"), default="auto",
+                   help="how training shares a minibatch: threads, or helper processes (Linux x86-64; "
+                        "no shared interpreter lock); default auto: processes where they work")
     p.add_argument("--seed", type=int, help="seed for everything random (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<dataset>)")
@@ -314,6 +318,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
+    p.add_argument("--backend", choices=("auto", "threads", "processes"), default="auto",
+                   help="threads or helper processes for training, as in npvae train")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import distributions as dist
+from .parallel import shared_zeros
 from .layers import MLP, Dense, check_activation, init_std
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -57,10 +58,13 @@ class VAE:
     input-dependent log_sigma per dimension; with x_sigma a positive float,
     that fixed standard deviation). dtype: float32 for training, float64 for
     gradient checks. seed: initial weights and the fallback noise generator.
+    shared: keep the parameter and gradient buffers (and those of replicas)
+    in memory that processes forked later also see, for training in helper
+    processes (npvae.parallel.Processes).
     """
 
     def __init__(self, x_dim, hidden=(400,), z_dim=20, likelihood="bernoulli",
-                 activation="relu", dtype=np.float32, seed=0, x_sigma=None):
+                 activation="relu", dtype=np.float32, seed=0, x_sigma=None, shared=False):
         self.x_dim = _check_positive_int("x_dim", x_dim)
         self.z_dim = _check_positive_int("z_dim", z_dim)
         if isinstance(hidden, (int, np.integer)):
@@ -79,6 +83,7 @@ class VAE:
             x_sigma = float(x_sigma)
         self.x_sigma = x_sigma
         self.seed = seed
+        self.shared = bool(shared)
         self.rng = np.random.default_rng(seed)
         self._build()
 
@@ -145,7 +150,7 @@ class VAE:
 
     def _allocate(self, size):
         """A zeroed flat buffer of `size` elements and the dict of named views into it."""
-        flat = _aligned_zeros(size, self.dtype)
+        flat = (shared_zeros if self.shared else _aligned_zeros)(size, self.dtype)
         return flat, {name: flat[o:o + int(np.prod(shape))].reshape(shape)
                       for name, (o, shape) in self._views.items()}
 

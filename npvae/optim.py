@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from .parallel import ranges
+from .parallel import is_shared, ranges, shared_zeros
 
 
 def _check_params(params):
@@ -59,7 +59,9 @@ class Optimizer:
 
     When the parameters are views that tile one flat buffer (as a VAE's are),
     the state is laid out the same way and a step updates whole buffers at
-    once: the same arithmetic as per array, in a few large NumPy calls.
+    once: the same arithmetic as per array, in a few large NumPy calls. If
+    that buffer is in shared memory (VAE(shared=True)), so is the state, and
+    helper processes can each update a range of it (step_range).
     """
 
     state_names = ()
@@ -77,10 +79,17 @@ class Optimizer:
                 self.state[s] = {n: np.zeros_like(p) for n, p in params.items()}
                 continue
             span, offsets = self._layout
-            buffer = self._flat_state[s] = np.zeros_like(span)
+            buffer = self._flat_state[s] = (shared_zeros(span.size, span.dtype) if is_shared(span)
+                                            else np.zeros_like(span))
             self.state[s] = {n: buffer[o:o + p.size].reshape(p.shape)
                              for (n, p), o in zip(params.items(), offsets)}
         self._tmp = {}
+
+    @property
+    def shares_memory(self):
+        """True if the parameters and the state are flat buffers in shared memory (see step_range)."""
+        return self._layout is not None and is_shared(self._layout[0]) and all(
+            is_shared(a) for a in self._flat_state.values())
 
     def _check_grads(self, grads):
         if not isinstance(grads, dict) or grads.keys() != self.params.keys():
@@ -121,6 +130,22 @@ class Optimizer:
             states = [self.state[s][name] for s in self.state_names]
             g = np.asarray(grads[name], dtype=p.dtype)
             self._update(p, g, *states, self._scratch(name, p))
+
+    def step_range(self, grads, start, stop, t, lr):
+        """Step t at learning rate lr, on elements [start, stop) of the flat buffers only.
+
+        One process's share of step(): the processes that share the buffers
+        call it with the same t and lr and ranges that tile the buffer, and
+        together make exactly the update of step(grads). Sets self.t and self.lr.
+        """
+        self.t, self.lr = int(t), float(lr)
+        self._begin_step()
+        grads_layout = flat_layout(grads.values())
+        if self._layout is None or grads_layout is None or grads_layout[1] != self._layout[1]:
+            raise ValueError("step_range needs parameters and grads that tile one flat buffer each, alike")
+        arrays = [self._layout[0], grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
+        arrays.append(self._scratch(None, self._layout[0]))
+        self._update(*(a[start:stop] for a in arrays))
 
     def _begin_step(self):
         """Per-step scalars (e.g. bias corrections), computed once before the updates."""

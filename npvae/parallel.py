@@ -20,11 +20,26 @@ threads do not also start BLAS's pool; without that control `threads="auto"`
 stays on one thread. In NumPy's pthreads build of OpenBLAS that setting is
 not per thread but the process's, so Workers.run sets it before handing out
 work and puts the old count back only when every thread has finished.
+
+Threads share one interpreter lock (the GIL). Each thread takes it back
+after every NumPy call, so two threads that each make a few hundred small
+calls per step keep waiting for each other, and every wait puts a thread to
+sleep. Processes has no such lock to share: it forks helper processes that
+see the model's buffers in shared memory (shared_zeros) and hands them work
+through a few words of that memory, which they poll (Processes below).
 """
 import ctypes
+import mmap
 import os
+import pickle
+import platform
 import queue
+import signal
+import sys
 import threading
+import time
+import traceback
+import warnings
 import weakref
 
 import numpy as np
@@ -164,3 +179,247 @@ def ranges(n, parts, align=1):
     """[(start, stop), ...]: the pieces of range(n) that split(n, parts, align) cuts, in order."""
     cuts = split(n, parts, align)
     return list(zip(cuts, cuts[1:]))
+
+
+# --- helper processes -------------------------------------------------------------------
+
+def shared_zeros(n, dtype, alignment=64):
+    """A zeroed 1-D array of n elements in anonymous shared memory, starting on an `alignment`-byte boundary.
+
+    A process forked after it is made (Processes) reads and writes the same
+    memory, where an ordinary array would be copied on write.
+    """
+    dtype = np.dtype(dtype)
+    raw = np.frombuffer(mmap.mmap(-1, n * dtype.itemsize + alignment), dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+def is_shared(a):
+    """True if array a lives in memory from shared_zeros (or another shared mapping)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    if isinstance(a, memoryview):   # np.frombuffer's base
+        a = a.obj
+    return isinstance(a, mmap.mmap)
+
+
+def processes_available():
+    """True where Processes works: Linux on x86-64, with fork.
+
+    The helpers hand work back and forth through plain stores to shared
+    memory, relying on x86's ordering of stores (a helper that sees a new
+    task number also sees the arguments written before it); other
+    processors need fences that Python cannot issue.
+    """
+    return (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+BACKENDS = ("auto", "threads", "processes")
+
+
+def resolve_backend(backend):
+    """'auto' -> 'processes' where processes_available(), else 'threads'; the others as they are."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "processes" if processes_available() else "threads"
+    if backend == "processes" and not processes_available():
+        raise ValueError(f"backend 'processes' needs Linux on x86-64 with fork; this is "
+                         f"{sys.platform} on {platform.machine()} (use backend='threads')")
+    return backend
+
+
+# The words of a helper's control row: the main process writes SEQ (after TASK,
+# NARGS and the arguments); the helper writes DONE = SEQ when it has finished
+# (after STATUS and the results). The two halves sit on different cache lines.
+SEQ, TASK, NARGS, DONE, STATUS, NOUT = 0, 1, 2, 8, 9, 10
+_ROW = 16
+STOP = -1
+
+
+class HelperError(RuntimeError):
+    """A helper process ended or failed in a way that cannot be handed back as its own exception."""
+
+
+class Processes:
+    """n - 1 forked helper processes; run(task, args) calls tasks[task](j, *args[j]) in each of
+    the n processes (j = 0 here), all at once, and returns their results.
+
+    A task returns a tuple of at most 8 floats; its arguments are at most 8
+    numbers (passed as float64, so integers below 2^53 are exact). Tasks
+    work on arrays from shared_zeros that existed when the helpers were
+    forked: everything else a helper sees is its own copy, as of the fork.
+
+    A helper polls its control row for work (no system call, so no sleep and
+    no wake-up on the way in); after spin_seconds without work it polls once
+    a millisecond instead, so that an idle pool costs no CPU. The main
+    process polls for the results the same way, and checks now and then that
+    the helpers are alive. An exception in a helper is re-raised here; the
+    helpers stop when the object is garbage collected or close() is called,
+    and on their own when the main process has gone.
+    """
+
+    def __init__(self, n, tasks, spin_seconds=0.05):
+        if not processes_available():
+            resolve_backend("processes")  # raises, naming what is missing
+        self.n, self.tasks, self.spin_seconds = n, tuple(tasks), float(spin_seconds)
+        self._ctl = shared_zeros(n * _ROW, np.int64).reshape(n, _ROW)
+        self._args = shared_zeros(n * 8, np.float64).reshape(n, 8)
+        self._out = shared_zeros(n * 8, np.float64).reshape(n, 8)
+        self._pids, self._errors = [], []
+        # A helper keeps to one BLAS thread, as the count stands at the fork:
+        # OpenBLAS's thread controls can hang in a forked child, whose copy of
+        # the library believes in a pool of threads the fork did not copy.
+        blas_local = blas_local_threads()
+        previous = None if blas_local is None else blas_local(1)
+        parent = os.getpid()
+        for j in range(1, n):
+            read_end, write_end = os.pipe()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when a process with threads forks (OpenBLAS
+                # keeps a pool); the helper runs only NumPy code, and OpenBLAS
+                # restarts its pool after a fork.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the helper; it never returns from here
+                os.close(read_end)
+                _serve(j, self, write_end, parent)
+            os.close(write_end)
+            self._pids.append(pid)
+            self._errors.append(read_end)
+        if previous is not None:
+            blas_local(previous)
+        self._finalizer = weakref.finalize(self, _reap, parent, self._ctl, list(self._pids), list(self._errors))
+
+    def run(self, task, args):
+        """[tasks[task](j, *args[j]) for j in range(n)], computed at once; re-raises the first error."""
+        if len(args) != self.n:
+            raise ValueError(f"run needs {self.n} argument tuples, got {len(args)}")
+        if not self._finalizer.alive:
+            raise HelperError("the helper processes have been closed")
+        ctl = self._ctl
+        for j in range(1, self.n):
+            a = args[j]
+            self._args[j, :len(a)] = a
+            ctl[j, TASK], ctl[j, NARGS] = task, len(a)
+            ctl[j, SEQ] += 1    # last: the helper starts when it sees this
+        try:
+            first = (True, self.tasks[task](0, *args[0]))
+        except BaseException as e:
+            first = (False, e)
+        out = [first] + [self._result(j) for j in range(1, self.n)]
+        for ok, value in out:
+            if not ok:
+                raise value
+        return [value for _, value in out]
+
+    def _result(self, j):
+        """Wait for helper j's task: (True, result tuple) or (False, its exception)."""
+        ctl, seq, spins = self._ctl, self._ctl[j, SEQ], 0
+        while ctl[j, DONE] != seq:
+            spins += 1
+            if spins % 20000 == 0:
+                self._check_alive(j)
+        if ctl[j, STATUS]:
+            return False, _read_error(self._errors[j - 1])
+        return True, tuple(float(v) for v in self._out[j, :ctl[j, NOUT]])
+
+    def _check_alive(self, j):
+        pid = self._pids[j - 1]
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            self.close()
+            raise HelperError(f"helper process {j} (pid {pid}) ended during a task "
+                              f"with wait status {status}")
+
+    def close(self):
+        """Stop the helpers and wait for them (at most a second each, then they are killed)."""
+        self._finalizer()
+
+
+def _serve(j, pool, error_fd, parent):
+    """A helper's loop: poll row j for a task, run it, write its result; exit on STOP or orphaning."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops us
+        ctl, args, out, tasks = pool._ctl, pool._args, pool._out, pool.tasks
+        # 0, not ctl[j, SEQ]: the first task may be posted before this line runs
+        last, idle_since, spins, sleeping = 0, time.monotonic(), 0, False
+        while True:
+            seq = ctl[j, SEQ]
+            if seq == last:
+                spins += 1
+                if spins % 1000 == 0:
+                    if os.getppid() != parent:
+                        break
+                    sleeping = time.monotonic() - idle_since > pool.spin_seconds
+                if sleeping:
+                    time.sleep(0.001)
+                continue
+            last, task = seq, int(ctl[j, TASK])
+            if task == STOP:
+                break
+            try:
+                result = tuple(tasks[task](j, *args[j, :ctl[j, NARGS]]))
+                out[j, :len(result)] = result
+                ctl[j, NOUT], ctl[j, STATUS] = len(result), 0
+            except BaseException as e:
+                _write_error(error_fd, e)
+                ctl[j, STATUS] = 1
+            ctl[j, DONE] = seq   # last: the main process reads the result when it sees this
+            idle_since, spins, sleeping = time.monotonic(), 0, False
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)   # never run the parent's cleanup handlers
+
+
+def _write_error(fd, e):
+    try:
+        payload = pickle.dumps(e)
+        pickle.loads(payload)
+    except Exception:
+        payload = pickle.dumps(HelperError("".join(traceback.format_exception(e))))
+    data = len(payload).to_bytes(8, "little") + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_error(fd):
+    def read(n):
+        chunks = b""
+        while len(chunks) < n:
+            chunk = os.read(fd, n - len(chunks))
+            if not chunk:
+                return None
+            chunks += chunk
+        return chunks
+    size = read(8)
+    payload = None if size is None else read(int.from_bytes(size, "little"))
+    return HelperError("a helper failed without a report") if payload is None else pickle.loads(payload)
+
+
+def _reap(owner, ctl, pids, error_fds):
+    if os.getpid() != owner:   # a forked copy of the owner: the helpers are not its own
+        return
+    for j in range(1, ctl.shape[0]):
+        ctl[j, TASK] = STOP
+        ctl[j, SEQ] += 1
+    for pid in pids:
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.001)
+    for fd in error_fds:
+        os.close(fd)

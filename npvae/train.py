@@ -181,18 +181,29 @@ def make_prepare(binarize, threshold, likelihood, kind, dtype):
     return lambda x, rng: datasets.to_float(x, dtype)
 
 
-def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
+def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
     """A function (stored rows, beta, rng) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
 
     One optimizer step on one minibatch: the whole hot path of training.
     threads > 1 (or "auto") splits the minibatch over that many threads
     (npvae.parallel): the same step to float rounding, on several cores.
+    backend "processes" splits it over helper processes instead, which
+    needs a VAE(shared=True) and an optimizer over its params; "auto" takes
+    processes where that holds and npvae.parallel.processes_available(),
+    threads otherwise.
     """
     Z = model.z_dim
     n = parallel.resolve_threads(threads)
+    use = parallel.resolve_backend(backend)
+    if n > 1 and use == "processes" and not (model.shared and optimizer.params is model.params
+                                             and optimizer.shares_memory):
+        if backend == "processes":
+            raise ValueError("backend 'processes' needs a VAE(shared=True) and an optimizer made "
+                             "with its params dict (the state then lives in shared memory too)")
+        use = "threads"
     if n > 1:
-        workers = parallel.Workers(n)
         replicas = [model] + [model.replica() for _ in range(n - 1)]
+        grad_ranges = parallel.ranges(model.flat_grads.size, n, align=16)
 
     def forward_backward(replica, x, eps, B, beta):
         """Gradients of this part's share of the loss -mean over all B rows; its sums of the terms."""
@@ -213,24 +224,95 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1):
             g += replica.flat_grads[start:stop]
         return float(np.dot(g, g))
 
-    if n > 1:  # the gradient buffer's ranges, one per thread, fixed for the run
-        add_grads_parts = [functools.partial(add_grads, a, b)
-                           for a, b in parallel.ranges(model.flat_grads.size, n, align=16)]
+    def eps_shape(B):
+        return (B, Z) if objective == "elbo" else (B, k, Z)
+
+    def serial_step(x, beta, rng):
+        B = x.shape[0]
+        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
+        sums = forward_backward(model, x, eps, B, beta)
+        g2 = float(np.dot(model.flat_grads, model.flat_grads))
+        if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
+            optimizer.step(model.grads)
+        return sums[0], sums[1], g2
+
+    if n == 1:
+        return lambda rows, beta, rng: serial_step(prepare(rows, rng), beta, rng)
+    if use == "processes":
+        return _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
+                             forward_backward, add_grads, serial_step)
+
+    workers = parallel.Workers(n)
+    add_grads_parts = [functools.partial(add_grads, a, b) for a, b in grad_ranges]
 
     def step(rows, beta, rng):
         x = prepare(rows, rng)
         B = x.shape[0]
-        eps = rng.standard_normal((B, Z) if objective == "elbo" else (B, k, Z), dtype=model.dtype)
-        if n == 1 or B < n:
-            sums = forward_backward(model, x, eps, B, beta)
-            g2 = float(np.dot(model.flat_grads, model.flat_grads))
-        else:
-            parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
-                                 for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
-            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            g2 = sum(workers.run(add_grads_parts))
+        if B < n:
+            return serial_step(x, beta, rng)
+        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
+        parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
+                             for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
+        sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        g2 = sum(workers.run(add_grads_parts))
         if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-            optimizer.step(model.grads, workers if n > 1 else None)
+            optimizer.step(model.grads, workers)
+        return sums[0], sums[1], g2
+    return step
+
+
+def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
+                  forward_backward, add_grads, serial_step):
+    """make_step's step on n processes (npvae.parallel.Processes); the same three phases as threads.
+
+    The batch and its noise go to buffers in shared memory, which the
+    helpers, forked on the first step, read their rows from; a larger batch
+    than any before makes new buffers and new helpers.
+    """
+    pool = {"capacity": 0}
+    blas_local = parallel.blas_local_threads()
+
+    def tasks(x_buffer, eps_buffer):
+        def part(j, a, b, B, beta):      # forward and backward on rows [a, b) into replica j
+            a, b = int(a), int(b)
+            return forward_backward(replicas[j], x_buffer[a:b], eps_buffer[a:b], int(B), beta)
+
+        def add(j):                      # the gradient sum on range j, and its squared norm
+            return (add_grads(*grad_ranges[j]),)
+
+        def update(j, t, lr):            # the optimizer's step t on range j
+            optimizer.step_range(model.grads, *grad_ranges[j], t, lr)
+            return ()
+        return part, add, update
+
+    def helpers(B):
+        if B > pool["capacity"]:
+            if "processes" in pool:
+                pool["processes"].close()
+            pool["x"] = parallel.shared_zeros(B * model.x_dim, model.dtype).reshape(B, model.x_dim)
+            pool["eps"] = parallel.shared_zeros(math.prod(eps_shape(B)), model.dtype).reshape(eps_shape(B))
+            pool["processes"] = parallel.Processes(n, tasks(pool["x"], pool["eps"]))
+            pool["capacity"] = B
+        return pool["processes"]
+
+    def step(rows, beta, rng):
+        x = prepare(rows, rng)
+        B = x.shape[0]
+        if B < n:
+            return serial_step(x, beta, rng)
+        processes = helpers(B)
+        np.copyto(pool["x"][:B], x)
+        rng.standard_normal(out=pool["eps"][:B], dtype=model.dtype)
+        previous = None if blas_local is None else blas_local(1)   # each process keeps to one core
+        try:
+            parts = processes.run(0, [(a, b, B, beta) for a, b in parallel.ranges(B, n)])
+            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            g2 = sum(p[0] for p in processes.run(1, [()] * n))
+            if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
+                processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n)
+        finally:
+            if previous is not None:
+                blas_local(previous)
         return sums[0], sums[1], g2
     return step
 
@@ -282,12 +364,15 @@ class Trainer:
     threads: how many threads share each minibatch (npvae.parallel); "auto"
     is 2 where NumPy's OpenBLAS lets each thread keep to one BLAS thread,
     else 1. Runs with different counts agree to float rounding; a run resumed
-    with the same count continues bit for bit.
+    with the same count continues bit for bit. backend: "threads", or
+    "processes" (helper processes, on Linux x86-64), or "auto": processes
+    where they work. Both give the same numbers.
     """
 
-    def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto"):
+    def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto"):
         self.config = config.validate()
         self.threads = parallel.resolve_threads(threads)
+        self.backend = parallel.resolve_backend(backend) if self.threads > 1 else "threads"
         self.out = Path(out)
         self.quiet, self.stream = quiet, stream
         self.data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
@@ -309,13 +394,13 @@ class Trainer:
                                  f"has values in [{lo:g}, {hi:g}] (use --likelihood gaussian)")
         self.model = VAE(self.data.dim, config.hidden, config.z_dim, likelihood=self.likelihood,
                          activation=config.activation, dtype=np.dtype(config.dtype),
-                         seed=config.seed, x_sigma=config.x_sigma)
+                         seed=config.seed, x_sigma=config.x_sigma, shared=self.backend == "processes")
         if config.init_bias:
             init_output_bias(self.model, self.x_train)
         self.optimizer = Adam(self.model.params, lr=config.lr)
         self._step = make_step(self.model, self.optimizer, make_prepare(
             config.binarize, config.threshold, self.likelihood, self.data.kind, self.model.dtype),
-            config.objective, config.k, self.threads)
+            config.objective, config.k, self.threads, self.backend)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -344,7 +429,8 @@ class Trainer:
                         self.history, extra)
 
     @classmethod
-    def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None, threads="auto"):
+    def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None, threads="auto",
+               backend="auto"):
         """A Trainer in the state of run/checkpoint.npz; epochs may extend the run."""
         run = Path(run)
         if not (run / ckpt.CONFIG).is_file():
@@ -356,7 +442,7 @@ class Trainer:
         if data_dir is not None:
             config.data_dir = str(data_dir)
         state = ckpt.read_state(run / ckpt.LATEST)
-        trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads)
+        trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads, backend=backend)
         path = run / ckpt.LATEST
         ckpt.restore_params(trainer.model, state, path)
         trainer.optimizer.load_state_dict(ckpt.optimizer_state_of(state))

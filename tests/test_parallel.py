@@ -1,4 +1,5 @@
 """Data-parallel steps: replicas, the worker threads, and a split step against the serial one."""
+import os
 import threading
 import time
 
@@ -274,3 +275,156 @@ def test_log_likelihood_rejects_a_bad_thread_count():
     from npvae import evaluate
     with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'"):
         evaluate.log_likelihood(small_vae(), binary_rows(3) / 255.0, k=5, threads=0)
+
+
+# --- helper processes -----------------------------------------------------------------------------
+
+needs_processes = pytest.mark.skipif(not parallel.processes_available(),
+                                     reason="helper processes need Linux on x86-64")
+
+
+def test_resolve_backend_names_the_argument_and_the_choices():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        parallel.resolve_backend("gpu")
+    assert parallel.resolve_backend("threads") == "threads"
+    assert parallel.resolve_backend("auto") == ("processes" if parallel.processes_available() else "threads")
+
+
+def test_shared_model_keeps_parameters_gradients_replicas_and_adam_state_in_shared_memory():
+    m = small_vae(shared=True)
+    assert parallel.is_shared(m.flat_params) and parallel.is_shared(m.flat_grads)
+    assert parallel.is_shared(m.replica().flat_grads)
+    assert m.flat_params.ctypes.data % 64 == 0
+    assert Adam(m.params).shares_memory
+    plain = small_vae()
+    assert not parallel.is_shared(plain.flat_params) and not Adam(plain.params).shares_memory
+    # the same initial weights either way
+    assert np.array_equal(m.flat_params, plain.flat_params)
+
+
+@needs_processes
+def test_processes_run_each_task_in_its_own_process_on_shared_memory():
+    out = parallel.shared_zeros(3, np.int64)
+
+    def write_pid(j, value):
+        out[j] = os.getpid()
+        return (value * 2, float(j))
+    pool = parallel.Processes(3, [write_pid])
+    results = pool.run(0, [(1.0,), (2.0,), (3.0,)])
+    assert results == [(2.0, 0.0), (4.0, 1.0), (6.0, 2.0)]
+    assert out[0] == os.getpid() and len(set(out)) == 3   # three processes wrote
+    assert pool.run(0, [(0.5,)] * 3)[2] == (1.0, 2.0)      # and again
+    pool.close()
+    with pytest.raises(parallel.HelperError, match="closed"):
+        pool.run(0, [(1.0,)] * 3)
+
+
+@needs_processes
+def test_an_exception_in_a_helper_process_is_raised_in_the_main_one():
+    def fail_in_helper(j, fail):
+        if j == 1 and fail:
+            raise KeyError("from helper 1")
+        return (float(j),)
+    pool = parallel.Processes(2, [fail_in_helper])
+    with pytest.raises(KeyError, match="from helper 1"):
+        pool.run(0, [(1,), (1,)])
+    assert pool.run(0, [(0,), (0,)]) == [(0.0,), (1.0,)]   # the helper lives on
+    pool.close()
+
+
+@needs_processes
+def test_a_helper_process_that_dies_is_reported_not_waited_for():
+    def die_in_helper(j):
+        if j == 1:
+            os._exit(3)
+        return ()
+    pool = parallel.Processes(2, [die_in_helper])
+    with pytest.raises(parallel.HelperError, match="ended during a task"):
+        pool.run(0, [(), ()])
+
+
+@needs_processes
+def test_closing_the_pool_ends_the_helper_processes():
+    pool = parallel.Processes(3, [lambda j: ()])
+    pids = list(pool._pids)
+    pool.run(0, [()] * 3)
+    pool.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)   # reaped: no longer our child
+
+
+@needs_processes
+@pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 4)])
+@pytest.mark.parametrize("n", [2, 3])
+def test_process_step_is_bit_identical_to_the_threaded_one(objective, k, n):
+    """float64, three Adam steps: processes do the same arithmetic as threads, in the same order."""
+    rows = binary_rows(11)
+    prepare = make_prepare("none", 0.5, "bernoulli", "grey", np.float64)
+    out = {}
+    for backend in ("threads", "processes"):
+        m = small_vae(shared=True)
+        opt = Adam(m.params, lr=0.05)
+        step = make_step(m, opt, prepare, objective, k, threads=n, backend=backend)
+        rng = np.random.default_rng(5)
+        sums = [step(rows, 1.0, rng) for _ in range(3)]
+        out[backend] = sums, m.flat_params.copy(), opt.state_dict(), rng.random()
+    (s_t, p_t, st_t, r_t), (s_p, p_p, st_p, r_p) = out["threads"], out["processes"]
+    assert s_t == s_p and r_t == r_p
+    assert np.array_equal(p_t, p_p)
+    for key in st_t:
+        assert np.array_equal(st_t[key], st_p[key]), key
+
+
+@needs_processes
+def test_process_step_grows_its_buffers_for_a_larger_batch():
+    m = small_vae(shared=True)
+    opt = Adam(m.params, lr=0.05)
+    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2,
+                     backend="processes")
+    for n in (4, 9, 3, 1):
+        rec, kl, g2 = step(binary_rows(n, seed=n), 1.0, np.random.default_rng(n))
+        assert np.isfinite(rec) and np.isfinite(kl) and g2 > 0
+    assert opt.t == 4
+
+
+@needs_processes
+def test_process_step_skips_a_step_with_an_infinite_gradient_in_a_helper(monkeypatch):
+    m = small_vae(shared=True)
+    opt = Adam(m.params, lr=0.01)
+    before = m.flat_params.copy()
+    backward = VAE.backward
+
+    def backward_inf_in_replicas(self, *args):
+        grads = backward(self, *args)
+        if self is not m:
+            self.flat_grads[3] = np.inf
+        return grads
+    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)   # the helper is forked after this
+    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2,
+                     backend="processes")
+    rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
+    assert np.isfinite(rec) and np.isfinite(kl) and not np.isfinite(g2)
+    assert opt.t == 0
+    np.testing.assert_array_equal(m.flat_params, before)
+
+
+def test_processes_backend_needs_a_shared_model():
+    m = small_vae()
+    with pytest.raises(ValueError, match="backend 'processes' needs a VAE\\(shared=True\\)"):
+        make_step(m, Adam(m.params), make_prepare("none", 0.5, "bernoulli", "grey", np.float64),
+                  threads=2, backend="processes")
+
+
+@needs_processes
+def test_training_with_processes_repeats_training_with_threads_bit_for_bit(tmp_path):
+    config = dict(dataset="shapes", epochs=2, batch_size=50, hidden=(32,), z_dim=4, n_train=600,
+                  n_valid=200, seed=3)
+    finals = {}
+    for backend in ("threads", "processes"):
+        t = Trainer(TrainConfig(**config), tmp_path / backend, quiet=True, threads=2, backend=backend)
+        assert t.model.shared == (backend == "processes")
+        t.run()
+        finals[backend] = t.model.flat_params.copy(), t.history["valid_elbo"]
+    assert np.array_equal(finals["threads"][0], finals["processes"][0])
+    assert finals["threads"][1] == finals["processes"][1]
