@@ -12,6 +12,10 @@ from npvae.optim import SGD, Adam
 from npvae.train import TrainConfig, Trainer, make_prepare, make_step
 
 
+needs_processes = pytest.mark.skipif(not parallel.processes_available(),
+                                     reason="helper processes need Linux on x86-64")
+
+
 def small_vae(dtype=np.float64, **kw):
     base = dict(x_dim=12, hidden=(9, 7), z_dim=3, activation="tanh", dtype=dtype, seed=2)
     base.update(kw)
@@ -185,9 +189,10 @@ def test_step_with_a_nan_weight_is_skipped(threads):
     np.testing.assert_array_equal(m.flat_params, before)   # NaN where it was, nothing else moved
 
 
-def test_threaded_step_is_skipped_when_one_part_has_an_infinite_gradient(monkeypatch):
-    """A finite loss with an infinite gradient on one thread: no update, and |grad|^2 says so."""
-    m = small_vae()
+@pytest.mark.parametrize("backend", ["threads", pytest.param("processes", marks=needs_processes)])
+def test_split_step_is_skipped_when_one_part_has_an_infinite_gradient(monkeypatch, backend):
+    """A finite loss with an infinite gradient in one part: no update, and |grad|^2 says so."""
+    m = small_vae(shared=True)
     opt = Adam(m.params, lr=0.01)
     before = m.flat_params.copy()
     backward = VAE.backward
@@ -197,8 +202,9 @@ def test_threaded_step_is_skipped_when_one_part_has_an_infinite_gradient(monkeyp
         if self is not m:
             self.flat_grads[3] = np.inf
         return grads
-    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)
-    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2)
+    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)   # helpers are forked after this
+    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2,
+                     backend=backend)
     rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
     assert np.isfinite(rec) and np.isfinite(kl) and not np.isfinite(g2)
     assert opt.t == 0
@@ -278,10 +284,6 @@ def test_log_likelihood_rejects_a_bad_thread_count():
 
 
 # --- helper processes -----------------------------------------------------------------------------
-
-needs_processes = pytest.mark.skipif(not parallel.processes_available(),
-                                     reason="helper processes need Linux on x86-64")
-
 
 def test_resolve_backend_names_the_argument_and_the_choices():
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -386,27 +388,6 @@ def test_process_step_grows_its_buffers_for_a_larger_batch():
         rec, kl, g2 = step(binary_rows(n, seed=n), 1.0, np.random.default_rng(n))
         assert np.isfinite(rec) and np.isfinite(kl) and g2 > 0
     assert opt.t == 4
-
-
-@needs_processes
-def test_process_step_skips_a_step_with_an_infinite_gradient_in_a_helper(monkeypatch):
-    m = small_vae(shared=True)
-    opt = Adam(m.params, lr=0.01)
-    before = m.flat_params.copy()
-    backward = VAE.backward
-
-    def backward_inf_in_replicas(self, *args):
-        grads = backward(self, *args)
-        if self is not m:
-            self.flat_grads[3] = np.inf
-        return grads
-    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)   # the helper is forked after this
-    step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2,
-                     backend="processes")
-    rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
-    assert np.isfinite(rec) and np.isfinite(kl) and not np.isfinite(g2)
-    assert opt.t == 0
-    np.testing.assert_array_equal(m.flat_params, before)
 
 
 def test_processes_backend_needs_a_shared_model():
