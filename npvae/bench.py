@@ -83,7 +83,7 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
     """One training epoch over x_train as npvae.train does it (threads and backend as there), against its matmul floor."""
     from .train import make_prepare, make_step
     n_threads = parallel.resolve_threads(threads)
-    backend = parallel.resolve_backend(backend) if n_threads > 1 else "threads"
+    backend = parallel.resolve_backend(backend, n_threads)
     model = VAE(784, hidden, z_dim, activation=activation, dtype=np.float32, seed=0,
                 shared=backend == "processes")
     optimizer = Adam(model.params)

@@ -113,18 +113,13 @@ class Optimizer:
         self._check_grads(grads)
         self.t += 1
         self._begin_step()
-        grads_layout = None if self._layout is None else flat_layout(grads.values())
-        if grads_layout is not None and grads_layout[1] == self._layout[1] and \
-                grads_layout[0].size == self._layout[0].size:
-            # Gaps hold zeros in params, grads and state alike, and an update keeps them zero.
-            span = self._layout[0]
-            arrays = [span, grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
-            arrays.append(self._scratch(None, span))
+        arrays = self._flat_arrays(grads)
+        if arrays is not None:
             if workers is None:
                 self._update(*arrays)
                 return
             workers.run([functools.partial(self._update, *(a[start:stop] for a in arrays))
-                         for start, stop in ranges(span.size, workers.n, align=16)])
+                         for start, stop in ranges(arrays[0].size, workers.n, align=16)])
             return
         for name, p in self.params.items():
             states = [self.state[s][name] for s in self.state_names]
@@ -140,12 +135,23 @@ class Optimizer:
         """
         self.t, self.lr = int(t), float(lr)
         self._begin_step()
-        grads_layout = flat_layout(grads.values())
-        if self._layout is None or grads_layout is None or grads_layout[1] != self._layout[1]:
+        arrays = self._flat_arrays(grads)
+        if arrays is None:
             raise ValueError("step_range needs parameters and grads that tile one flat buffer each, alike")
-        arrays = [self._layout[0], grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
-        arrays.append(self._scratch(None, self._layout[0]))
         self._update(*(a[start:stop] for a in arrays))
+
+    def _flat_arrays(self, grads):
+        """[params, grads, *state, scratch] as flat buffers laid out alike, or None if they are not.
+
+        Gaps hold zeros in params, grads and state alike, and an update keeps them zero.
+        """
+        grads_layout = None if self._layout is None else flat_layout(grads.values())
+        if grads_layout is None or grads_layout[1] != self._layout[1] or \
+                grads_layout[0].size != self._layout[0].size:
+            return None
+        span = self._layout[0]
+        return ([span, grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
+                + [self._scratch(None, span)])
 
     def _begin_step(self):
         """Per-step scalars (e.g. bias corrections), computed once before the updates."""

@@ -28,6 +28,7 @@ sleep. Processes has no such lock to share: it forks helper processes that
 see the model's buffers in shared memory (shared_zeros) and hands them work
 through a few words of that memory, which they poll (Processes below).
 """
+import contextlib
 import ctypes
 import mmap
 import os
@@ -81,6 +82,22 @@ def _find_blas():
 def blas_local_threads():
     """OpenBLAS's openblas_set_num_threads_local(n) -> previous n, or None if NumPy's BLAS lacks it."""
     return _find_blas()[0]
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Within the block, OpenBLAS uses one thread (where it can be told); the old count comes back after.
+
+    In NumPy's build the count is the whole process's, so the block must
+    cover everything that should run on one BLAS thread.
+    """
+    set_local = blas_local_threads()
+    previous = None if set_local is None else set_local(1)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_local(previous)
 
 
 def blas_threads():
@@ -141,8 +158,8 @@ class Workers:
         """[f_0, ..., f_{n-1}] -> [f_0(), ..., f_{n-1}()], computed concurrently; re-raises the first error."""
         if len(fns) != self.n:
             raise ValueError(f"run needs {self.n} functions, got {len(fns)}")
-        previous = None if self._blas_local is None else self._blas_local(1)
-        try:
+        # the old count comes back only once every thread is done: the setting may be the whole process's
+        with one_blas_thread():
             for (tasks, _), fn in zip(self._queues, fns[1:]):
                 tasks.put(fn)
             try:
@@ -150,9 +167,6 @@ class Workers:
             except BaseException as e:
                 first = (False, e)
             out = [first] + [results.get() for _, results in self._queues]
-        finally:  # only now that every thread is done: the setting may be the whole process's
-            if previous is not None:
-                self._blas_local(previous)
         for ok, value in out:
             if not ok:
                 raise value
@@ -219,10 +233,16 @@ def processes_available():
 BACKENDS = ("auto", "threads", "processes")
 
 
-def resolve_backend(backend):
-    """'auto' -> 'processes' where processes_available(), else 'threads'; the others as they are."""
+def resolve_backend(backend, threads=None):
+    """'auto' -> 'processes' where processes_available(), else 'threads'; the others as they are.
+
+    threads: the resolved count (resolve_threads); with 1 there is nothing
+    to split, and the answer is 'threads' whatever was asked.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if threads == 1:
+        return "threads"
     if backend == "auto":
         return "processes" if processes_available() else "threads"
     if backend == "processes" and not processes_available():
@@ -272,25 +292,22 @@ class Processes:
         # A helper keeps to one BLAS thread, as the count stands at the fork:
         # OpenBLAS's thread controls can hang in a forked child, whose copy of
         # the library believes in a pool of threads the fork did not copy.
-        blas_local = blas_local_threads()
-        previous = None if blas_local is None else blas_local(1)
         parent = os.getpid()
-        for j in range(1, n):
-            read_end, write_end = os.pipe()
-            with warnings.catch_warnings():
-                # Python 3.12+ warns when a process with threads forks (OpenBLAS
-                # keeps a pool); the helper runs only NumPy code, and OpenBLAS
-                # restarts its pool after a fork.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # the helper; it never returns from here
-                os.close(read_end)
-                _serve(j, self, write_end, parent)
-            os.close(write_end)
-            self._pids.append(pid)
-            self._errors.append(read_end)
-        if previous is not None:
-            blas_local(previous)
+        with one_blas_thread():
+            for j in range(1, n):
+                read_end, write_end = os.pipe()
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns when a process with threads forks (OpenBLAS
+                    # keeps a pool); the helper runs only NumPy code, and OpenBLAS
+                    # restarts its pool after a fork.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+                if pid == 0:  # the helper; it never returns from here
+                    os.close(read_end)
+                    _serve(j, self, write_end, parent)
+                os.close(write_end)
+                self._pids.append(pid)
+                self._errors.append(read_end)
         self._finalizer = weakref.finalize(self, _reap, parent, self._ctl, list(self._pids), list(self._errors))
 
     def run(self, task, args):

@@ -194,8 +194,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
     """
     Z = model.z_dim
     n = parallel.resolve_threads(threads)
-    use = parallel.resolve_backend(backend)
-    if n > 1 and use == "processes" and not (model.shared and optimizer.params is model.params
+    use = parallel.resolve_backend(backend, n)
+    if use == "processes" and not (model.shared and optimizer.params is model.params
                                              and optimizer.shares_memory):
         if backend == "processes":
             raise ValueError("backend 'processes' needs a VAE(shared=True) and an optimizer made "
@@ -270,7 +270,6 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
     than any before makes new buffers and new helpers.
     """
     pool = {"capacity": 0}
-    blas_local = parallel.blas_local_threads()
 
     def tasks(x_buffer, eps_buffer):
         def part(j, a, b, B, beta):      # forward and backward on rows [a, b) into replica j
@@ -303,16 +302,12 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
         processes = helpers(B)
         np.copyto(pool["x"][:B], x)
         rng.standard_normal(out=pool["eps"][:B], dtype=model.dtype)
-        previous = None if blas_local is None else blas_local(1)   # each process keeps to one core
-        try:
+        with parallel.one_blas_thread():   # each process keeps to one core
             parts = processes.run(0, [(a, b, B, beta) for a, b in parallel.ranges(B, n)])
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
             g2 = sum(p[0] for p in processes.run(1, [()] * n))
             if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
                 processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n)
-        finally:
-            if previous is not None:
-                blas_local(previous)
         return sums[0], sums[1], g2
     return step
 
@@ -372,7 +367,7 @@ class Trainer:
     def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto"):
         self.config = config.validate()
         self.threads = parallel.resolve_threads(threads)
-        self.backend = parallel.resolve_backend(backend) if self.threads > 1 else "threads"
+        self.backend = parallel.resolve_backend(backend, self.threads)
         self.out = Path(out)
         self.quiet, self.stream = quiet, stream
         self.data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
