@@ -5,6 +5,7 @@ step(). Its state is keyed by parameter name, so state_dict() can go into a
 checkpoint next to the parameters and load_state_dict() can bring it back.
 """
 import functools
+import math
 
 import numpy as np
 
@@ -226,7 +227,10 @@ class Adam(Optimizer):
         self._c2 = 1.0 - self.beta2 ** self.t
 
     def _update(self, p, g, m, v, tmp):
-        c2 = np.sqrt(self._c2)
+        # Python floats, not NumPy float64 scalars: a float64 scalar would make
+        # NumPy run a float32 array's pass in float64, casting every element
+        # there and back (twice as slow; see the dtype test in test_optim.py).
+        c2 = math.sqrt(self._c2)
         # m += (1 - beta1)(g - m) is beta1 m + (1 - beta1) g in three passes
         # without a second temporary; likewise for v.
         np.subtract(g, m, out=tmp)

@@ -515,6 +515,21 @@ def test_outputs_keep_the_model_dtype(likelihood, x_sigma, dtype):
     assert not wrong, f"silently changed dtype: {wrong}"
 
 
+@pytest.mark.parametrize("likelihood, activation, x_sigma", MODELS, ids=MODEL_IDS)
+def test_float32_training_passes_stay_in_float32(likelihood, activation, x_sigma, float64_watch):
+    # The training step's forward and backward (ELBO and IWAE): every ufunc
+    # pass that touches data computed from x or eps runs in float32.
+    watch, log = float64_watch
+    model = small_model(likelihood, activation, x_sigma, dtype=np.float32, generic=False)
+    rng = np.random.default_rng(0)
+    x = watch(data(model, rng, B=5).astype(np.float32))
+    model.forward(x, watch(rng.standard_normal((5, model.z_dim)).astype(np.float32)))
+    model.backward(np.full(5, -0.2), np.full(5, 0.2))
+    model.forward_iwae(x, watch(rng.standard_normal((5, 3, model.z_dim)).astype(np.float32)))
+    model.backward_iwae(np.full(5, -0.2))
+    assert log.calls > 50 and log == []
+
+
 def test_float32_input_to_float64_model_is_computed_in_float64():
     model = small_model("bernoulli", dtype=np.float64)
     x = np.random.default_rng(0).random((2, model.x_dim)).astype(np.float32)

@@ -287,3 +287,20 @@ def test_adam_trains_a_tiny_vae():
     p = x.mean(axis=0).clip(1e-3, 1 - 1e-3)
     independent = -np.mean(np.sum(x * np.log(p) + (1 - x) * np.log(1 - p), axis=1))
     assert end < independent - 2.0, (end, independent)
+
+
+@pytest.mark.parametrize("make", [lambda p: Adam(p, lr=0.01), lambda p: SGD(p, lr=0.01, momentum=0.5)])
+def test_float32_steps_make_no_float64_passes(make, float64_watch):
+    # Per-step scalars must stay Python floats: a NumPy float64 scalar would
+    # turn a float32 pass into a float64 one (twice as slow, same rounding).
+    watch, log = float64_watch
+    rng = np.random.default_rng(0)
+    flat = watch(np.zeros(12, np.float32))   # the views tile one buffer: the flat fast path
+    params = {"a": flat[:5], "b": flat[5:].reshape(7, 1)}
+    grads_flat = watch(rng.standard_normal(12).astype(np.float32))
+    grads = {"a": grads_flat[:5], "b": grads_flat[5:].reshape(7, 1)}
+    opt = make(params)
+    for _ in range(3):
+        opt.step(grads)
+    assert flat.dtype == np.float32 and np.all(np.isfinite(flat)) and np.any(flat != 0)
+    assert log.calls > 0 and log == []
