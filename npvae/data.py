@@ -193,16 +193,49 @@ def to_float(x, dtype=np.float32):
 
 
 def binarize(x, rng=None, threshold=None):
-    """Binary x: x (B, D) float in [0, 1] -> (B, D) same dtype, Bernoulli(x) draws, or x > threshold."""
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"binarize expects a float32 or float64 array (see to_float), got {_describe(x)}")
+    """Binary x: x (B, D) float in [0, 1] -> (B, D) same dtype, Bernoulli(x) draws, or x > threshold.
+
+    The draws are binarize_rows(x, binarize_key(rng)): one key from rng per call.
+    """
+    _check_probabilities(x)
     if threshold is not None:
         return (x > threshold).astype(x.dtype)
+    return binarize_rows(x, binarize_key(rng))
+
+
+def _check_probabilities(x):
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64) or x.ndim != 2:
+        raise TypeError(f"binarize expects a 2-D float32 or float64 array (see to_float), got {_describe(x)}")
+
+
+def binarize_key(rng):
+    """The seed of one minibatch's binarization noise, drawn from rng (an int below 2^63)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"binarize needs rng=np.random.Generator when threshold is None, got {type(rng).__name__}")
-    # a fresh draw every call is dynamic binarization: the model never sees the same binary image twice,
-    # which stops it overfitting one fixed sample (Burda et al. 2015)
-    return (rng.random(x.shape, dtype=x.dtype) < x).astype(x.dtype)
+    return int(rng.integers(2**63))
+
+
+def binarize_rows(x, key, first_row=0):
+    """Bernoulli(x) draws for rows first_row, first_row + 1, ... of a minibatch whose noise seed is key.
+
+    A fresh draw every minibatch is dynamic binarization: the model never
+    sees the same binary image twice, which stops it overfitting one fixed
+    sample (Burda et al. 2015). Pixel d of row r is on when u < x, with u
+    uniform on [0, 1) in steps of 2^-24 (as NumPy's float32 Generator.random):
+    the top 24 bits of the d-th 32-bit word of row r's own stretch of a PCG64
+    stream seeded by key. Row r's stretch starts r * ceil(D/2) 64-bit draws in,
+    so a process that binarizes only rows [a, b) (first_row = a) draws exactly
+    what one pass over the whole batch would, with no other process's help.
+    """
+    _check_probabilities(x)
+    b, D = x.shape
+    per_row = -(-D // 2)                       # 64-bit draws per row: two 32-bit words each
+    stream = np.random.PCG64(key)
+    stream.advance(first_row * per_row)
+    words = stream.random_raw(b * per_row).view(np.uint32).reshape(b, 2 * per_row)[:, :D]
+    u = np.right_shift(words, 8).astype(x.dtype)
+    u *= 2.0 ** -24
+    return np.less(u, x).astype(x.dtype)
 
 
 def split_validation(dataset, n_valid, seed):

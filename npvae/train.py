@@ -172,19 +172,48 @@ def prepare_batch(x, config, likelihood, kind, dtype, rng):
     return make_prepare(config.binarize, config.threshold, likelihood, kind, dtype)(x, rng)
 
 
+class Prepare:
+    """Stored rows -> model input (B, D) of the given dtype: prepare(rows, rng).
+
+    Floats (grey levels k/255 from uint8), binarized when a Bernoulli model
+    meets grey levels (dynamic: fresh Bernoulli draws; threshold: x > threshold).
+    In two parts, so that processes can each prepare their own rows of a
+    minibatch: noise(rng) is all the minibatch takes from rng (the
+    binarization key, else 0), and rows(x, noise, first_row) prepares the
+    block of rows that starts at row first_row; blocks give what the whole does.
+    """
+
+    def __init__(self, binarize, threshold, likelihood, kind, dtype):
+        binary = likelihood == "bernoulli" and kind == "grey"
+        self.dynamic = binary and binarize == "dynamic"
+        self.threshold = threshold if binary and binarize == "threshold" else None
+        self.dtype = np.dtype(dtype)
+
+    def noise(self, rng):
+        return datasets.binarize_key(rng) if self.dynamic else 0
+
+    def rows(self, x, noise, first_row=0):
+        x = datasets.to_float(x, self.dtype)
+        if self.dynamic:
+            return datasets.binarize_rows(x, noise, first_row)
+        if self.threshold is not None:
+            return datasets.binarize(x, threshold=self.threshold)
+        return x
+
+    def __call__(self, x, rng):
+        return self.rows(x, self.noise(rng))
+
+
 def make_prepare(binarize, threshold, likelihood, kind, dtype):
-    """A function (stored rows, rng) -> model input (B, D) of the given dtype."""
-    if likelihood == "bernoulli" and kind == "grey" and binarize == "dynamic":
-        return lambda x, rng: datasets.binarize(datasets.to_float(x, dtype), rng)
-    if likelihood == "bernoulli" and kind == "grey" and binarize == "threshold":
-        return lambda x, rng: datasets.binarize(datasets.to_float(x, dtype), threshold=threshold)
-    return lambda x, rng: datasets.to_float(x, dtype)
+    """A Prepare: (stored rows, rng) -> model input (B, D) of the given dtype."""
+    return Prepare(binarize, threshold, likelihood, kind, dtype)
 
 
 def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
     """A function (stored rows, beta, rng) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
 
     One optimizer step on one minibatch: the whole hot path of training.
+    prepare (a Prepare) makes the model's input from the stored rows.
     threads > 1 (or "auto") splits the minibatch over that many threads
     (npvae.parallel): the same step to float rounding, on several cores.
     backend "processes" splits it over helper processes instead, which
@@ -205,8 +234,10 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         replicas = [model] + [model.replica() for _ in range(n - 1)]
         grad_ranges = parallel.ranges(model.flat_grads.size, n, align=16)
 
-    def forward_backward(replica, x, eps, B, beta):
-        """Gradients of this part's share of the loss -mean over all B rows; its sums of the terms."""
+    def forward_backward(replica, rows, noise, first_row, eps, B, beta):
+        """Prepare rows [first_row, first_row + b) of the batch, then the gradients of their
+        share of the loss -mean over all B rows into replica; -> their sums of the terms."""
+        x = prepare.rows(rows, noise, first_row)
         b = x.shape[0]
         if objective == "elbo":
             log_px_z, kl = replica.forward(x, eps)
@@ -227,54 +258,58 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
     def eps_shape(B):
         return (B, Z) if objective == "elbo" else (B, k, Z)
 
-    def serial_step(x, beta, rng):
-        B = x.shape[0]
-        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
-        sums = forward_backward(model, x, eps, B, beta)
-        g2 = float(np.dot(model.flat_grads, model.flat_grads))
+    def finish(sums, g2, update):
+        """Update (if the loss and gradient are finite: else skip the step); -> the step's figures."""
         if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-            optimizer.step(model.grads)
+            update()
         return sums[0], sums[1], g2
 
+    def serial_step(rows, beta, rng):
+        B = rows.shape[0]
+        noise = prepare.noise(rng)
+        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
+        sums = forward_backward(model, rows, noise, 0, eps, B, beta)
+        g2 = float(np.dot(model.flat_grads, model.flat_grads))
+        return finish(sums, g2, lambda: optimizer.step(model.grads))
+
     if n == 1:
-        return lambda rows, beta, rng: serial_step(prepare(rows, rng), beta, rng)
+        return serial_step
     if use == "processes":
         return _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                             forward_backward, add_grads, serial_step)
+                             forward_backward, add_grads, serial_step, finish)
 
     workers = parallel.Workers(n)
     add_grads_parts = [functools.partial(add_grads, a, b) for a, b in grad_ranges]
 
     def step(rows, beta, rng):
-        x = prepare(rows, rng)
-        B = x.shape[0]
+        B = rows.shape[0]
         if B < n:
-            return serial_step(x, beta, rng)
+            return serial_step(rows, beta, rng)
+        noise = prepare.noise(rng)
         eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
-        parts = workers.run([functools.partial(forward_backward, r, x[a:b], eps[a:b], B, beta)
+        parts = workers.run([functools.partial(forward_backward, r, rows[a:b], noise, a, eps[a:b], B, beta)
                              for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
         sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
         g2 = sum(workers.run(add_grads_parts))
-        if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-            optimizer.step(model.grads, workers)
-        return sums[0], sums[1], g2
+        return finish(sums, g2, lambda: optimizer.step(model.grads, workers))
     return step
 
 
 def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                  forward_backward, add_grads, serial_step):
+                  forward_backward, add_grads, serial_step, finish):
     """make_step's step on n processes (npvae.parallel.Processes); the same three phases as threads.
 
-    The batch and its noise go to buffers in shared memory, which the
+    The stored rows and the noise go to buffers in shared memory, which the
     helpers, forked on the first step, read their rows from; a larger batch
-    than any before makes new buffers and new helpers.
+    than any before (or rows of another kind) makes new buffers and new helpers.
     """
-    pool = {"capacity": 0}
+    pool = {"capacity": 0, "rows kind": None}
 
-    def tasks(x_buffer, eps_buffer):
-        def part(j, a, b, B, beta):      # forward and backward on rows [a, b) into replica j
+    def tasks(rows_buffer, eps_buffer):
+        def part(j, a, b, B, beta, key_high, key_low):  # prepare rows [a, b) and their forward and backward
             a, b = int(a), int(b)
-            return forward_backward(replicas[j], x_buffer[a:b], eps_buffer[a:b], int(B), beta)
+            return forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
+                                    eps_buffer[a:b], int(B), beta)
 
         def add(j):                      # the gradient sum on range j, and its squared norm
             return (add_grads(*grad_ranges[j]),)
@@ -284,31 +319,31 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
             return ()
         return part, add, update
 
-    def helpers(B):
-        if B > pool["capacity"]:
+    def helpers(rows):
+        B, kind = rows.shape[0], (rows.dtype, rows.shape[1:])
+        if B > pool["capacity"] or kind != pool["rows kind"]:
             if "processes" in pool:
                 pool["processes"].close()
-            pool["x"] = parallel.shared_zeros(B * model.x_dim, model.dtype).reshape(B, model.x_dim)
+            pool["rows"] = parallel.shared_zeros(rows.size, rows.dtype).reshape(rows.shape)
             pool["eps"] = parallel.shared_zeros(math.prod(eps_shape(B)), model.dtype).reshape(eps_shape(B))
-            pool["processes"] = parallel.Processes(n, tasks(pool["x"], pool["eps"]))
-            pool["capacity"] = B
+            pool["processes"] = parallel.Processes(n, tasks(pool["rows"], pool["eps"]))
+            pool["capacity"], pool["rows kind"] = B, kind
         return pool["processes"]
 
     def step(rows, beta, rng):
-        x = prepare(rows, rng)
-        B = x.shape[0]
+        B = rows.shape[0]
         if B < n:
-            return serial_step(x, beta, rng)
-        processes = helpers(B)
-        np.copyto(pool["x"][:B], x)
+            return serial_step(rows, beta, rng)
+        processes = helpers(rows)
+        np.copyto(pool["rows"][:B], rows)
+        noise = prepare.noise(rng)
         rng.standard_normal(out=pool["eps"][:B], dtype=model.dtype)
         with parallel.one_blas_thread():   # each process keeps to one core
-            parts = processes.run(0, [(a, b, B, beta) for a, b in parallel.ranges(B, n)])
+            parts = processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF)
+                                      for a, b in parallel.ranges(B, n)])
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
             g2 = sum(p[0] for p in processes.run(1, [()] * n))
-            if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-                processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n)
-        return sums[0], sums[1], g2
+            return finish(sums, g2, lambda: processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n))
     return step
 
 

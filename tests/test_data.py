@@ -758,6 +758,22 @@ def test_binarize_draws_bernoulli(dtype):
     assert (draws[:, :, 0] == 0).all() and (draws[:, :, -1] == 1).all()  # p = 0 and p = 1 are certain
 
 
+@pytest.mark.parametrize("D", [7, 8])
+def test_binarize_rows_draws_each_row_alike_whatever_block_it_is_in(D):
+    # Processes binarize their own rows of a minibatch: a block that starts at
+    # row a draws what the whole batch draws for those rows.
+    x = np.random.default_rng(0).random((9, D)).astype(np.float32)
+    whole = data.binarize_rows(x, key=123)
+    blocks = [data.binarize_rows(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    assert not np.array_equal(data.binarize_rows(x, key=124), whole)   # another key, other draws
+    same = data.binarize_rows(np.full((9, D), 0.5, np.float32), key=123)
+    assert len({r.tobytes() for r in same}) > 1                           # each row has its own draws
+    rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(data.binarize(x, rng), data.binarize_rows(x, data.binarize_key(
+        np.random.default_rng(5))))
+
+
 def test_binarize_threshold_and_arguments():
     x = np.array([[0.2, 0.5, 0.7]], np.float32)
     out = data.binarize(x, threshold=0.5)

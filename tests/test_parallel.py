@@ -26,6 +26,15 @@ def binary_rows(n, d=12, seed=0):
     return (np.random.default_rng(seed).random((n, d)) > 0.5).astype(np.uint8) * 255
 
 
+def grey_rows(n, d=12, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, d)).astype(np.uint8)
+
+
+# (binarize, rows): stored rows used as they are, and grey levels with dynamic binarization,
+# which each thread or process does for its own rows
+PREPARED = [("none", binary_rows), ("dynamic", grey_rows)]
+
+
 # --- split and resolve_threads -----------------------------------------------------------
 
 @pytest.mark.parametrize("n, parts, align", [(10, 2, 1), (11, 3, 1), (1000, 2, 16), (5, 4, 1), (7, 2, 16)])
@@ -134,12 +143,13 @@ def test_replica_shares_parameters_but_not_gradients_or_caches():
 
 # --- the parallel step against the serial one ---------------------------------------------------------
 
+@pytest.mark.parametrize("binarize, make_rows", PREPARED)
 @pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 4)])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_parallel_step_computes_the_serial_gradient_and_update(objective, k, threads):
+def test_parallel_step_computes_the_serial_gradient_and_update(objective, k, threads, binarize, make_rows):
     """float64: split over threads, the gradient and the update agree with one thread's to rounding."""
-    rows = binary_rows(11)
-    prepare = make_prepare("none", 0.5, "bernoulli", "grey", np.float64)
+    rows = make_rows(11)
+    prepare = make_prepare(binarize, 0.5, "bernoulli", "grey", np.float64)
     out = {}
     for n in (1, threads):
         m = small_vae()
@@ -357,12 +367,13 @@ def test_closing_the_pool_ends_the_helper_processes():
 
 
 @needs_processes
+@pytest.mark.parametrize("binarize, make_rows", PREPARED)
 @pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 4)])
 @pytest.mark.parametrize("n", [2, 3])
-def test_process_step_is_bit_identical_to_the_threaded_one(objective, k, n):
+def test_process_step_is_bit_identical_to_the_threaded_one(objective, k, n, binarize, make_rows):
     """float64, three Adam steps: processes do the same arithmetic as threads, in the same order."""
-    rows = binary_rows(11)
-    prepare = make_prepare("none", 0.5, "bernoulli", "grey", np.float64)
+    rows = make_rows(11)
+    prepare = make_prepare(binarize, 0.5, "bernoulli", "grey", np.float64)
     out = {}
     for backend in ("threads", "processes"):
         m = small_vae(shared=True)
