@@ -188,15 +188,44 @@ def bernoulli_log_prob(x, logits, softplus_logits=None):
     return np.einsum("...d,...d->...", x, logits) - np.sum(sp, axis=-1)
 
 
-def bernoulli_log_prob_grad(dlogp, x, logits, softplus_logits=None):
+def bernoulli_log_prob_and_exp(x, logits):
+    """(log Bernoulli(x; sigmoid(logits)) per example, e^logits or None): a forward whose backward follows.
+
+    The same log p as bernoulli_log_prob, summed differently: with t = 1 + e^l,
+    sum_d softplus(l_d) = sum_d log t_d = sum over pairs of log(t_a t_b), one
+    log per two pixels (log and exp are the costly passes; a product of two
+    t's is finite while every l is below half the overflow point of e^l).
+    e^l is kept for the gradient, where sigmoid(l) = e^l / (1 + e^l) then
+    costs a division instead of another exp. Above that point: softplus, and None.
+    """
+    limit = _EXP_SAFE.get(logits.dtype)
+    if limit is None or not logits.size or not np.max(logits) < limit / 2:   # NaN too
+        return bernoulli_log_prob(x, logits), None
+    e = np.exp(logits)
+    t = e + 1.0
+    D = t.shape[-1]
+    h = D // 2
+    pairs = np.multiply(t[..., :h], t[..., h:2 * h])      # t_d t_(d+h): no overflow, by the test above
+    log_t_sum = np.sum(np.log(pairs, out=pairs), axis=-1)
+    if D % 2:
+        log_t_sum += np.log(t[..., -1])
+    return np.einsum("...d,...d->...", x, logits) - log_t_sum, e
+
+
+def bernoulli_log_prob_grad(dlogp, x, logits, softplus_logits=None, exp_logits=None):
     """dlogp (B,) -> dlogits (B, D). Local derivative: d/dl = x - sigmoid(l).
 
-    sigmoid(l) = exp(l - softplus(l)) reuses the forward's softplus, and exp
-    is cheaper than scipy.special.expit.
+    sigmoid(l) = e^l / (1 + e^l) when the forward passes exp_logits (see
+    bernoulli_log_prob_and_exp), else exp(l - softplus(l)), which reuses a
+    softplus the forward has; exp is cheaper than scipy.special.expit.
     """
-    sp = softplus(logits) if softplus_logits is None else softplus_logits
-    d = np.subtract(logits, sp)
-    np.exp(d, out=d)                 # sigmoid(l)
+    if exp_logits is not None:
+        d = np.add(exp_logits, 1.0)
+        np.divide(exp_logits, d, out=d)          # sigmoid(l)
+    else:
+        d = softplus(logits) if softplus_logits is None else softplus_logits
+        d = np.subtract(logits, d)
+        np.exp(d, out=d)                         # sigmoid(l)
     np.subtract(x, d, out=d)
     d *= _expand(dlogp, logits)
     return d

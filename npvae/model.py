@@ -279,10 +279,9 @@ class VAE:
         return self._log_px_z(x, out)[0]
 
     def _log_px_z(self, x, out):
-        """(log p(x|z), what its gradient can reuse: softplus(logits) for Bernoulli)."""
+        """(log p(x|z), what its gradient can reuse: e^logits or None for Bernoulli)."""
         if self.likelihood == "bernoulli":
-            sp = dist.softplus(out)
-            return dist.bernoulli_log_prob(x, out, sp), sp
+            return dist.bernoulli_log_prob_and_exp(x, out)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob(x, *out), None
@@ -290,7 +289,7 @@ class VAE:
     def _log_px_z_grad(self, dlog_px_z, x, out, reuse=None):
         """Upstream gradient of log p(x|z) -> gradient w.r.t. the decoder's output."""
         if self.likelihood == "bernoulli":
-            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, reuse)
+            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, exp_logits=reuse)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob_grad(dlog_px_z, x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob_grad(dlog_px_z, x, *out)
