@@ -26,9 +26,20 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -20.0, 20.0
 
 
+def clip_log_sigma(log_sigma):
+    """log_sigma clipped to [LOG_SIGMA_MIN, LOG_SIGMA_MAX] (NaN stays NaN).
+
+    The same as np.clip, whose Python wrapper costs several times more than
+    the arithmetic on a (B, Z) array.
+    """
+    clipped = np.maximum(log_sigma, LOG_SIGMA_MIN)
+    return np.minimum(clipped, LOG_SIGMA_MAX, out=clipped)
+
+
 def std(log_sigma):
     """sigma = exp(log_sigma), with log_sigma clipped to [LOG_SIGMA_MIN, LOG_SIGMA_MAX]."""
-    return np.exp(np.clip(log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX))
+    sigma = clip_log_sigma(log_sigma)
+    return np.exp(sigma, out=sigma)
 
 
 def _in_range(log_sigma):
@@ -64,7 +75,7 @@ def kl_standard_normal(mu, log_sigma):
 
     KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - 2 log sigma_j).
     """
-    log_sigma = np.clip(log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    log_sigma = clip_log_sigma(log_sigma)
     sigma = std(log_sigma)
     return 0.5 * np.sum(mu * mu + sigma * sigma - 1.0 - 2.0 * log_sigma, axis=-1)
 
@@ -84,8 +95,8 @@ def kl_diag_gaussians(mu_q, log_sigma_q, mu_p, log_sigma_p):
 
     KL = sum_j [log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2].
     """
-    log_sigma_q = np.clip(log_sigma_q, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    log_sigma_p = np.clip(log_sigma_p, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    log_sigma_q = clip_log_sigma(log_sigma_q)
+    log_sigma_p = clip_log_sigma(log_sigma_p)
     var_q, var_p = std(log_sigma_q) ** 2, std(log_sigma_p) ** 2
     diff = mu_q - mu_p
     return np.sum(log_sigma_p - log_sigma_q + (var_q + diff * diff) / (2.0 * var_p) - 0.5, axis=-1)
@@ -118,7 +129,7 @@ def gaussian_log_prob(x, mu, log_sigma):
 
     log p = sum_d [-1/2 log 2 pi - log sigma_d - (x_d - mu_d)^2 / (2 sigma_d^2)].
     """
-    log_sigma = np.clip(log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    log_sigma = clip_log_sigma(log_sigma)
     r = (x - mu) / std(log_sigma)  # standardized residual
     return np.sum(-0.5 * LOG_2PI - log_sigma - 0.5 * r * r, axis=-1)
 
@@ -192,23 +203,29 @@ def bernoulli_log_prob_and_exp(x, logits):
     """(log Bernoulli(x; sigmoid(logits)) per example, e^logits or None): a forward whose backward follows.
 
     The same log p as bernoulli_log_prob, summed differently: with t = 1 + e^l,
-    sum_d softplus(l_d) = sum_d log t_d = sum over pairs of log(t_a t_b), one
-    log per two pixels (log and exp are the costly passes; a product of two
-    t's is finite while every l is below half the overflow point of e^l).
-    e^l is kept for the gradient, where sigmoid(l) = e^l / (1 + e^l) then
-    costs a division instead of another exp. Above that point: softplus, and None.
+    sum_d softplus(l_d) = sum_d log t_d = the sum of logs of products of
+    2, 4 or 8 t's, one log per group (log and exp are the costly passes). A
+    group is as large as keeps its product finite: t < e^(l + 1), so g
+    factors stay below e^(g (max l + 1)), and g (max l + 1) must stay below
+    the dtype's overflow point of e^l. e^l is kept for the gradient, where
+    sigmoid(l) = e^l / (1 + e^l) then costs a division instead of another exp.
+    With the largest logits too large even for pairs: softplus, and None.
     """
     limit = _EXP_SAFE.get(logits.dtype)
-    if limit is None or not logits.size or not np.max(logits) < limit / 2:   # NaN too
+    top = max(float(np.max(logits)), 0.0) if limit is not None and logits.size else math.nan
+    if not 2 * (top + 1.0) < limit:   # NaN too (max(nan, 0.0) is nan)
         return bernoulli_log_prob(x, logits), None
     e = np.exp(logits)
     t = e + 1.0
-    D = t.shape[-1]
-    h = D // 2
-    pairs = np.multiply(t[..., :h], t[..., h:2 * h])      # t_d t_(d+h): no overflow, by the test above
-    log_t_sum = np.sum(np.log(pairs, out=pairs), axis=-1)
-    if D % 2:
-        log_t_sum += np.log(t[..., -1])
+    log_t_sum = 0.0
+    group = 1
+    while group < 8 and 2 * group * (top + 1.0) < limit:
+        if t.shape[-1] % 2:                  # an odd column out: its own log
+            log_t_sum = log_t_sum + np.log(t[..., -1])
+        h = t.shape[-1] // 2
+        t = np.multiply(t[..., :h], t[..., h:2 * h])   # pairs of groups: groups twice as large
+        group *= 2
+    log_t_sum = log_t_sum + np.sum(np.log(t, out=t), axis=-1)
     return np.einsum("...d,...d->...", x, logits) - log_t_sum, e
 
 

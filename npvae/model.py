@@ -343,8 +343,8 @@ class VAE:
         log_pz = dist.standard_normal_log_prob(z)                          # (B, K)
         # log q(z|x) at z = mu + sigma*eps, written in eps so its derivative
         # with the noise held fixed is plain: d/dlog_sigma = -1, d/dmu = 0.
-        log_qz = (-0.5 * np.sum(eps * eps, axis=-1) - np.sum(np.clip(
-            log_sigma, dist.LOG_SIGMA_MIN, dist.LOG_SIGMA_MAX), axis=-1)[:, None]
+        log_qz = (-0.5 * np.sum(eps * eps, axis=-1) - np.sum(
+            dist.clip_log_sigma(log_sigma), axis=-1)[:, None]
             - 0.5 * Z * dist.LOG_2PI)                                     # (B, K)
         log_w = log_px_z + log_pz - log_qz                                 # (B, K)
         self._cache_iwae = (x, eps, z, log_sigma, out_bk, reuse, log_w)

@@ -85,6 +85,7 @@ class Optimizer:
             self.state[s] = {n: buffer[o:o + p.size].reshape(p.shape)
                              for (n, p), o in zip(params.items(), offsets)}
         self._tmp = {}
+        self._seen_grads = ((), None)   # (grads arrays, their flat_layout) of the last step
 
     @property
     def shares_memory(self):
@@ -146,13 +147,21 @@ class Optimizer:
 
         Gaps hold zeros in params, grads and state alike, and an update keeps them zero.
         """
-        grads_layout = None if self._layout is None else flat_layout(grads.values())
+        grads_layout = None if self._layout is None else self._grads_layout(grads)
         if grads_layout is None or grads_layout[1] != self._layout[1] or \
                 grads_layout[0].size != self._layout[0].size:
             return None
         span = self._layout[0]
         return ([span, grads_layout[0]] + [self._flat_state[s] for s in self.state_names]
                 + [self._scratch(None, span)])
+
+    def _grads_layout(self, grads):
+        """flat_layout(grads.values()), remembered for the same arrays (a model passes the same views every step)."""
+        arrays = tuple(grads.values())
+        seen = self._seen_grads
+        if len(seen[0]) != len(arrays) or any(a is not b for a, b in zip(arrays, seen[0])):
+            seen = self._seen_grads = (arrays, flat_layout(arrays))
+        return seen[1]
 
     def _begin_step(self):
         """Per-step scalars (e.g. bias corrections), computed once before the updates."""

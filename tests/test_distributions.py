@@ -243,26 +243,29 @@ def test_bernoulli_gradient(shape):
 
 
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
-@pytest.mark.parametrize("shape", [(B, 8), (B, 7), (B, 3, 9)])   # even and odd D, and (B, K, D)
-def test_bernoulli_with_exp_is_the_same_log_prob_and_gradient(shape, dtype, rtol):
+@pytest.mark.parametrize("shape", [(B, 8), (B, 7), (B, 3, 9), (B, 784)])   # even and odd D, (B, K, D)
+@pytest.mark.parametrize("group", [8, 4, 2, None])   # logits small enough for groups of 8, 4, 2, or none
+def test_bernoulli_with_exp_is_the_same_log_prob_and_gradient(shape, dtype, rtol, group):
     rng = np.random.default_rng(15)
     x = (rng.random(shape) < 0.4).astype(dtype)
-    limit = dist._EXP_SAFE[np.dtype(dtype)] / 2          # the pairs' products stay finite below it
-    logits = (4 * rng.standard_normal(shape)).astype(dtype)
-    logits.flat[0] = 0.999 * limit                       # the largest logit the paired sum takes
+    limit = dist._EXP_SAFE[np.dtype(dtype)]
+    # the largest logit: products of `group` terms t < e^(top + 1) stay below e^limit, and no larger group's would
+    top = {8: limit / 8 - 1.5, 4: limit / 5 - 1, 2: limit / 3 - 1, None: limit / 2}[group]
+    logits = (np.tanh(rng.standard_normal(shape)) * top).astype(dtype)
+    logits.flat[0] = top
     r = rng.standard_normal(shape[:-1])
     reference = np.sum(x * logits.astype(np.float64) - np.logaddexp(0.0, logits.astype(np.float64)), axis=-1)
     logp, e = dist.bernoulli_log_prob_and_exp(x, logits)
-    assert logp.dtype == dtype and np.array_equal(e, np.exp(logits))
+    assert logp.dtype == dtype
     np.testing.assert_allclose(logp, reference, rtol=rtol)
+    if group is None:    # above the pairs' limit: softplus, the same numbers, and no e
+        assert e is None
+        np.testing.assert_array_equal(logp, dist.bernoulli_log_prob(x, logits))
+        return
+    assert np.array_equal(e, np.exp(logits))
     sigmoid = expit(logits.astype(np.float64))
     np.testing.assert_allclose(dist.bernoulli_log_prob_grad(r, x, logits, exp_logits=e),
                                r[..., None] * (x - sigmoid), rtol=rtol, atol=rtol * np.abs(r).max())
-    # above that point: softplus (no e), the same numbers
-    logits.flat[0] = 1.001 * limit
-    logp_high, e_high = dist.bernoulli_log_prob_and_exp(x, logits)
-    assert e_high is None
-    np.testing.assert_array_equal(logp_high, dist.bernoulli_log_prob(x, logits))
 
 
 # --- Gaussian likelihoods -----------------------------------------------------------------

@@ -304,3 +304,15 @@ def test_float32_steps_make_no_float64_passes(make, float64_watch):
         opt.step(grads)
     assert flat.dtype == np.float32 and np.all(np.isfinite(flat)) and np.any(flat != 0)
     assert log.calls > 0 and log == []
+
+
+def test_flat_and_per_array_grads_give_the_same_steps_in_any_order():
+    # A step remembers the layout of the last grads it saw; other arrays must be looked at afresh.
+    models = [VAE(6, (5,), 3, dtype=np.float32, seed=0) for _ in range(2)]
+    opts = [Adam(m.params, lr=0.01) for m in models]
+    x = np.random.default_rng(0).random((4, 6))
+    for i in range(4):
+        for m, opt, flat in zip(models, opts, (True, i % 2 == 0)):
+            _, grads = m.loss_and_grads(x, rng=np.random.default_rng(i), copy=not flat)
+            opt.step(grads)
+    np.testing.assert_array_equal(models[0].flat_params, models[1].flat_params)
