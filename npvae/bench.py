@@ -281,8 +281,7 @@ def format_results(results):
             lines.append(f"{r['name']:<44} {r['examples_per_s']:9.0f} ex/s  floor {r['floor_examples_per_s']:9.0f} ex/s"
                          f"  ({r['seconds']:.2f} s vs {r['floor_seconds']:.2f} s)  ratio {r['ratio']:.2f}"
                          f"  target <= {r['target_ratio']}"
-                         + (f"  ({r['threads']} threads)" if "threads" in r and "backend" not in r else "")
-                         + (f"  ({r['threads']} {r['backend']})" if "backend" in r else "")
+                         + (f"  ({r['threads']} {r.get('backend', 'threads')})" if "threads" in r else "")
                          + (f"  median of {r['runs']} runs: " + ", ".join(f"{x:.2f}" for x in r["per_run"]["ratio"])
                             if "runs" in r else ""))
         elif "megabytes" in r:

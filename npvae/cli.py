@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+from .parallel import BACKENDS
+
 
 class UsageError(Exception):
     """Bad input from the command line: reported in one line, exit status 2."""
@@ -263,7 +265,7 @@ def build_parser():
     p.add_argument("--threads", type=_threads, default="auto",
                    help="threads that share each minibatch (default auto: 2 where NumPy's OpenBLAS allows, "
                         "else 1); runs agree to float rounding, and a fixed count repeats bit for bit")
-    p.add_argument("--backend", choices=("auto", "threads", "processes"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="how training shares a minibatch: threads, or helper processes (Linux x86-64; "
                         "no shared interpreter lock); default auto: processes where they work")
     p.add_argument("--seed", type=int, help="seed for everything random (default 0)")
@@ -318,7 +320,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a tenth of the data, for a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
-    p.add_argument("--backend", choices=("auto", "threads", "processes"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="threads or helper processes for training, as in npvae train")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from . import distributions as dist
-from .parallel import shared_zeros
+from .parallel import aligned_zeros
 from .layers import MLP, Dense, check_activation, init_std
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -40,13 +40,6 @@ def _check_positive_int(name, value):
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
-
-
-def _aligned_zeros(n, dtype, alignment=64):
-    """A zeroed 1-D array of n elements whose data starts on an `alignment`-byte boundary."""
-    raw = np.zeros(n * dtype.itemsize + alignment, dtype=np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + n * dtype.itemsize].view(dtype)
 
 
 class VAE:
@@ -150,7 +143,7 @@ class VAE:
 
     def _allocate(self, size):
         """A zeroed flat buffer of `size` elements and the dict of named views into it."""
-        flat = (shared_zeros if self.shared else _aligned_zeros)(size, self.dtype)
+        flat = aligned_zeros(size, self.dtype, shared=self.shared)
         return flat, {name: flat[o:o + int(np.prod(shape))].reshape(shape)
                       for name, (o, shape) in self._views.items()}
 

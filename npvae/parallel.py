@@ -148,10 +148,10 @@ class Workers:
 
     def __init__(self, n):
         self.n = n
-        self._blas_local = blas_local_threads()
+        blas_local = blas_local_threads()
         self._queues = [(queue.SimpleQueue(), queue.SimpleQueue()) for _ in range(n - 1)]
         for tasks, results in self._queues:
-            threading.Thread(target=_worker, args=(tasks, results, self._blas_local), daemon=True).start()
+            threading.Thread(target=_worker, args=(tasks, results, blas_local), daemon=True).start()
         self._finalizer = weakref.finalize(self, _stop, [tasks for tasks, _ in self._queues])
 
     def run(self, fns):
@@ -197,16 +197,23 @@ def ranges(n, parts, align=1):
 
 # --- helper processes -------------------------------------------------------------------
 
-def shared_zeros(n, dtype, alignment=64):
-    """A zeroed 1-D array of n elements in anonymous shared memory, starting on an `alignment`-byte boundary.
+def aligned_zeros(n, dtype, shared=False, alignment=64):
+    """A zeroed 1-D array of n elements whose data starts on an `alignment`-byte boundary.
 
-    A process forked after it is made (Processes) reads and writes the same
-    memory, where an ordinary array would be copied on write.
+    shared: in anonymous shared memory, which a process forked after it is
+    made (Processes) reads and writes too, where an ordinary array would be
+    copied on write.
     """
     dtype = np.dtype(dtype)
-    raw = np.frombuffer(mmap.mmap(-1, n * dtype.itemsize + alignment), dtype=np.uint8)
+    size = n * dtype.itemsize + alignment
+    raw = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8) if shared else np.zeros(size, dtype=np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+def shared_zeros(n, dtype, alignment=64):
+    """aligned_zeros in shared memory."""
+    return aligned_zeros(n, dtype, shared=True, alignment=alignment)
 
 
 def is_shared(a):
