@@ -282,10 +282,11 @@ class Processes:
     A helper polls its control row for work (no system call, so no sleep and
     no wake-up on the way in); after spin_seconds without work it polls once
     a millisecond instead, so that an idle pool costs no CPU. The main
-    process polls for the results the same way, and checks now and then that
-    the helpers are alive. An exception in a helper is re-raised here; the
-    helpers stop when the object is garbage collected or close() is called,
-    and on their own when the main process has gone.
+    process spins on the helpers' DONE words for the results (it never
+    sleeps), and checks now and then that the helpers are alive. An
+    exception in a helper is re-raised here; the helpers stop when the
+    object is garbage collected or close() is called, and on their own when
+    the main process has gone.
     """
 
     def __init__(self, n, tasks, spin_seconds=0.05):
