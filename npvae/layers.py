@@ -124,24 +124,49 @@ class Dense:
         self.activation = check_activation(activation)
         self._act, self._act_grad = ACTIVATIONS[activation]
         self.x = self.y = None
+        # Where forward writes y and backward writes da, when a caller has
+        # bound them (VAE.bind_rows); None: fresh arrays, and backward writes
+        # dW and db itself. With da_out bound, backward leaves dW and db
+        # alone: the caller computes them later (weight_grads) from the
+        # whole minibatch's inputs and da.
+        self.out = self.da_out = None
 
     def forward(self, x):
         """x (B, I) -> y (B, O); caches x and y for backward."""
-        a = x @ self.W  # (B, O)
+        a = np.matmul(x, self.W, out=self.out)  # (B, O)
         a += self.b
-        self.x, self.y = x, self._act(a)
-        return self.y
+        y = self._act(a)
+        if self.out is not None and y is not self.out:   # an activation that is not in place (elu)
+            np.copyto(self.out, y)
+            y = self.out
+        self.x, self.y = x, y
+        return y
 
     def backward(self, dy, need_dx=True):
-        """dy (B, O) -> dx (B, I); writes dW = x^T da and db = sum_B da.
+        """dy (B, O) -> dx (B, I); writes dW = x^T da and db = sum_B da (or, bound, da into da_out).
 
         Local derivative: da = dy * act'(a), dx = da W^T.
         """
         g = self._act_grad(self.y)
-        da = dy if g is None else dy * g  # (B, O)
-        np.matmul(self.x.T, da, out=self.dW)
-        np.add.reduce(da, axis=0, out=self.db)   # np.sum, without its Python wrapper's cost
+        if self.da_out is None:
+            da = dy if g is None else dy * g  # (B, O)
+            self.weight_grads(self.x, da)
+        else:
+            da = self.da_out
+            if g is None:
+                np.copyto(da, dy)
+            else:
+                np.multiply(dy, g, out=da)
         return da @ self.W.T if need_dx else None
+
+    def weight_grads(self, x, da, rows=slice(None), cols=slice(None)):
+        """dW[rows] = x[:, rows]^T da and db[cols] = sum_B da[:, cols], from x (B, I) and da (B, O).
+
+        The rows of dW and the entries of db are independent sums over the
+        batch, so pieces of them can be computed apart (by several processes).
+        """
+        np.matmul(x[:, rows].T, da, out=self.dW[rows])
+        np.add.reduce(da[:, cols], axis=0, out=self.db[cols])   # np.sum, without its Python wrapper's cost
 
 
 class MLP:

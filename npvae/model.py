@@ -78,6 +78,7 @@ class VAE:
         self.seed = seed
         self.shared = bool(shared)
         self.rng = np.random.default_rng(seed)
+        self._rows = None   # (x rows, z rows) of a SplitBatch this model is bound to (bind_rows)
         self._build()
 
     # --- construction ----------------------------------------------------------
@@ -157,6 +158,7 @@ class VAE:
         self.enc_mu, self.enc_log_sigma = layers["enc.mu"], layers["enc.log_sigma"]
         self.decoder = MLP([layers[f"dec.h{i}"] for i in range(n_hidden)])
         self.dec_heads = [layers[n] for n in ("dec.logits", "dec.mean", "dec.log_sigma") if n in layers]
+        self._layers = layers
 
     def replica(self):
         """A VAE that shares this one's parameters (the same arrays) but has its own gradients.
@@ -167,7 +169,7 @@ class VAE:
         """
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin._cache = twin._cache_iwae = None
+        twin._cache = twin._cache_iwae = twin._rows = None
         twin.flat_grads, twin.grads = twin._allocate(self.flat_grads.size)
         twin._make_layers(self._layer_specs())
         return twin
@@ -229,6 +231,9 @@ class VAE:
         return self._encode(self._as_x(x))
 
     def _encode(self, x):
+        if self._rows is not None:       # bound: x goes into the split batch's rows too
+            np.copyto(self._rows[0], x)
+            x = self._rows[0]
         h = self.encoder.forward(x)  # (B, H)
         return self.enc_mu.forward(h), self.enc_log_sigma.forward(h)
 
@@ -243,6 +248,9 @@ class VAE:
         return self._decode(self._as_z(z))
 
     def _decode(self, z):
+        if self._rows is not None:
+            np.copyto(self._rows[1], z)
+            z = self._rows[1]
         h = self.decoder.forward(z)  # (B, H)
         if self.likelihood == "bernoulli":
             return self.dec_heads[0].forward(h)
@@ -405,6 +413,55 @@ class VAE:
         grads = {n: g.copy() for n, g in self.grads.items()} if copy else self.grads
         return float(loss), grads
 
+    # --- a minibatch split over replicas ------------------------------------------------
+
+    def layer_inputs(self):
+        """{layer name: what the layer reads}: 'x', 'z', or the hidden layer before it, encoder first."""
+        inputs = {}
+        for side, first, heads in (("enc", "x", ("mu", "log_sigma")),
+                                   ("dec", "z", ("logits", "mean", "log_sigma"))):
+            before = first
+            for i in range(len(self.hidden)):
+                inputs[f"{side}.h{i}"], before = before, f"{side}.h{i}"
+            for head in heads:
+                inputs[f"{side}.{head}"] = before
+        return {name: inputs[name] for name, *_ in self._layer_specs()}
+
+    def grad_ranges(self, n):
+        """n ranges [(start, stop), ...] that tile the flat gradient buffer in nearly equal pieces,
+        each cut between two rows of a weight matrix or at the start of a bias (SplitBatch.weight_grads)."""
+        allowed = {0, self.flat_grads.size}
+        for offset, shape in self._views.values():
+            width = shape[1] if len(shape) == 2 else shape[0]   # a bias is one row
+            allowed.update(range(offset, offset + math.prod(shape) + 1, width))
+        allowed = np.array(sorted(allowed))
+        cuts = [0]
+        for j in range(1, n):
+            ideal = self.flat_grads.size * j / n
+            cuts.append(max(cuts[-1], int(allowed[np.argmin(np.abs(allowed - ideal))])))
+        cuts.append(self.flat_grads.size)
+        return list(zip(cuts, cuts[1:]))
+
+    def bind_rows(self, batch, first, stop):
+        """Work on rows [first, stop) of the SplitBatch batch (None: unbind).
+
+        Bound, forward writes the inputs of every layer (x, z, the hidden
+        layers' outputs) into those rows of batch, and backward writes each
+        layer's local gradient da there instead of its own weight gradients;
+        batch.weight_grads computes those afterwards, over the whole batch.
+        """
+        if batch is None:
+            self._rows = None
+            for layer in self._layers.values():
+                layer.out = layer.da_out = None
+            return
+        k = batch.k
+        for name, layer in self._layers.items():
+            rows = slice(first * k, stop * k) if name.startswith("dec.") else slice(first, stop)
+            layer.out = batch.inputs[name][rows] if name in batch.inputs else None
+            layer.da_out = batch.da[name][rows]
+        self._rows = batch.inputs["x"][first:stop], batch.inputs["z"][first * k:stop * k]
+
     # --- generation ---------------------------------------------------------------------
 
     def sample(self, n, rng=None):
@@ -417,3 +474,63 @@ class VAE:
         """x (B, D) -> (B, D): the mean of p(x|z) at z = mu(x), the posterior mean."""
         mu, _ = self.encode(x)
         return self.mean_px_z(self._decode(mu))
+
+
+class SplitBatch:
+    """A minibatch split over replicas: its layers' inputs and local gradients, whole.
+
+    Each replica, bound to its block of rows (VAE.bind_rows), runs forward
+    and backward on them and writes every layer's input (x, z, the hidden
+    layers' outputs) and local gradient da = dloss/da into its rows here.
+    Once all have finished, the weight gradients are sums over the whole batch,
+
+        dW = x^T da        db = sum over rows of da
+
+    so any range of the model's flat gradient buffer can be computed on its
+    own (weight_grads), by any process: no replica keeps gradients of its
+    own, and none have to be added up.
+
+    capacity: the most examples a minibatch may have; k: samples per example
+    (the decoder sees k rows per example: the IWAE bound); shared: in memory
+    that processes forked later also see (npvae.parallel.Processes).
+    """
+
+    def __init__(self, model, capacity, k=1, shared=False):
+        self.model, self.capacity, self.k = model, int(capacity), int(k)
+        self.reads = model.layer_inputs()
+
+        def rows(name):
+            return self.capacity * self.k if name == "z" or name.startswith("dec.") else self.capacity
+
+        def zeros(name, width):
+            return aligned_zeros(rows(name) * width, model.dtype, shared=shared).reshape(rows(name), width)
+        widths = {"x": model.x_dim, "z": model.z_dim}
+        widths.update((name, fan_out) for name, _, fan_out, _ in model._layer_specs())
+        # inputs[name]: the array that name's output is; layers read it (x and z are the model's)
+        self.inputs = {name: zeros(name, widths[name]) for name in ["x", "z"] + sorted(
+            set(self.reads.values()) - {"x", "z"})}
+        self.da = {name: zeros(name, fan_out) for name, _, fan_out, _ in model._layer_specs()}
+
+    def weight_grads(self, start, stop, B):
+        """The model's gradient on [start, stop) of its flat buffer (model.grad_ranges' pieces),
+        from the first B examples, which the bound replicas have written."""
+        if not 0 < B <= self.capacity:
+            raise ValueError(f"B must be in [1, {self.capacity}], got {B}")
+        model = self.model
+        for name, layer in model._layers.items():
+            n = B * self.k if name.startswith("dec.") else B
+            rows = _piece(model._views[name + ".W"], start, stop)
+            cols = _piece(model._views[name + ".b"], start, stop)
+            if rows.stop > rows.start or cols.stop > cols.start:
+                layer.weight_grads(self.inputs[self.reads[name]][:n], self.da[name][:n], rows, cols)
+
+
+def _piece(view, start, stop):
+    """The rows of a (rows, width) view (entries of a 1-D one) at (offset, shape) that [start, stop) covers."""
+    offset, shape = view
+    width = shape[1] if len(shape) == 2 else 1
+    first = min(max(start - offset, 0), shape[0] * width)
+    last = min(max(stop - offset, 0), shape[0] * width)
+    if first % width or last % width:
+        raise ValueError(f"range [{start}, {stop}) cuts a row of a weight matrix (see VAE.grad_ranges)")
+    return slice(first // width, last // width)

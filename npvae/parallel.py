@@ -2,18 +2,22 @@
 
 NumPy's element-wise operations (activations, the likelihood, Adam) run on
 one core, and the matrix products of a VAE's minibatch are too small for
-OpenBLAS's own threads to gain much. So a step splits the minibatch instead:
+OpenBLAS's own threads to gain much. So a step splits the minibatch instead
+(npvae.train.make_step):
 
     thread j:  forward and backward on rows [a_j, b_j) of the batch, with
-               upstream gradient -1/B per row (B the whole batch), into its
-               own replica's gradient buffer (model.replica())
-    thread j:  grads[range j] = sum over replicas of their grads[range j]
+               upstream gradient -1/B per row (B the whole batch), by its
+               own replica (model.replica()), which writes each layer's
+               input x and local gradient da into those rows of one
+               whole-batch SplitBatch (npvae.model), not weight gradients
+    thread j:  the weight gradients dW = x^T da, db = sum of da over the
+               whole batch, on range j of the flat gradient buffer
+               (model.grad_ranges: whole rows of each weight matrix)
     thread j:  the optimizer's update on range j of the flat parameter buffer
 
-The gradient is the same sum as one thread's, added in another order, so a
-step agrees with the serial one to float rounding; for a given number of
-threads every run is bit for bit reproducible (the split does not depend on
-timing). NumPy releases the GIL inside its loops and BLAS calls, which is what
+Each weight gradient is the same sum as one thread's, so a step agrees with
+the serial one to float rounding; for a given number of threads every run
+is bit for bit reproducible (the split does not depend on timing). NumPy releases the GIL inside its loops and BLAS calls, which is what
 lets the threads overlap. While the threads run, OpenBLAS is asked for one
 BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
 threads do not also start BLAS's pool; without that control `threads="auto"`

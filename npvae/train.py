@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import data as datasets
 from . import parallel
 from .evaluate import elbo_stats
-from .model import VAE
+from .model import VAE, SplitBatch
 from .optim import Adam
 
 OBJECTIVES = ("elbo", "iwae")
@@ -231,14 +231,21 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
                              "with its params dict (the state then lives in shared memory too)")
         use = "threads"
     if n > 1:
-        replicas = [model] + [model.replica() for _ in range(n - 1)]
-        grad_ranges = parallel.ranges(model.flat_grads.size, n, align=16)
+        replicas = [model.replica() for _ in range(n)]
+        grad_ranges = model.grad_ranges(n)
 
-    def forward_backward(replica, rows, noise, first_row, eps, B, beta):
-        """Prepare rows [first_row, first_row + b) of the batch, then the gradients of their
-        share of the loss -mean over all B rows into replica; -> their sums of the terms."""
+    def forward_backward(replica, rows, noise, first_row, eps, B, beta, batch=None):
+        """Prepare rows [first_row, first_row + b) of the batch, then the backward pass of their
+        share of the loss -mean over all B rows; -> their sums of the terms.
+
+        batch (a SplitBatch): replica works on those rows of it, and leaves
+        the weight gradients to batch.weight_grads; None: replica (the model)
+        computes them.
+        """
         x = prepare.rows(rows, noise, first_row)
         b = x.shape[0]
+        if batch is not None:
+            replica.bind_rows(batch, first_row, first_row + b)
         if objective == "elbo":
             log_px_z, kl = replica.forward(x, eps)
             # loss = -mean(log_px_z - beta * kl)
@@ -248,12 +255,14 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         replica.backward_iwae(np.full(b, -1.0 / B))
         return float(np.sum(bound, dtype=np.float64)), 0.0
 
-    def add_grads(start, stop):
-        """grads[start:stop] = the replicas' sum there; -> its squared norm."""
+    def weight_grads(batch, start, stop, B):
+        """The gradient on [start, stop) of the flat buffer, over the whole batch; -> its squared norm."""
+        batch.weight_grads(start, stop, B)
         g = model.flat_grads[start:stop]
-        for replica in replicas[1:]:
-            g += replica.flat_grads[start:stop]
         return float(np.dot(g, g))
+
+    def split_batch(B, shared=False):
+        return SplitBatch(model, B, k if objective == "iwae" else 1, shared=shared)
 
     def eps_shape(B):
         return (B, Z) if objective == "elbo" else (B, k, Z)
@@ -276,48 +285,52 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         return serial_step
     if use == "processes":
         return _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                             forward_backward, add_grads, serial_step, finish)
+                             forward_backward, weight_grads, split_batch, serial_step, finish)
 
     workers = parallel.Workers(n)
-    add_grads_parts = [functools.partial(add_grads, a, b) for a, b in grad_ranges]
+    held = {"batch": None}
 
     def step(rows, beta, rng):
         B = rows.shape[0]
         if B < n:
             return serial_step(rows, beta, rng)
+        if held["batch"] is None or B > held["batch"].capacity:
+            held["batch"] = split_batch(B)
+        batch = held["batch"]
         noise = prepare.noise(rng)
         eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
-        parts = workers.run([functools.partial(forward_backward, r, rows[a:b], noise, a, eps[a:b], B, beta)
+        parts = workers.run([functools.partial(forward_backward, r, rows[a:b], noise, a, eps[a:b], B, beta, batch)
                              for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
         sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        g2 = sum(workers.run(add_grads_parts))
+        g2 = sum(workers.run([functools.partial(weight_grads, batch, a, b, B) for a, b in grad_ranges]))
         return finish(sums, g2, lambda: optimizer.step(model.grads, workers))
     return step
 
 
 def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                  forward_backward, add_grads, serial_step, finish):
+                  forward_backward, weight_grads, split_batch, serial_step, finish):
     """make_step's step on n processes (npvae.parallel.Processes); the same three phases as threads.
 
-    The stored rows and the noise go to buffers in shared memory, which the
-    helpers, forked on the first step, read their rows from; a larger batch
-    than any before (or rows of another kind) makes new buffers and new helpers.
+    The stored rows, the noise and the SplitBatch live in shared memory,
+    which the helpers, forked on the first step, read their rows from and
+    write to; a larger batch than any before (or rows of another kind)
+    makes new buffers and new helpers.
     """
     pool = {"capacity": 0, "rows kind": None}
 
-    def tasks(rows_buffer, eps_buffer):
+    def tasks(rows_buffer, eps_buffer, batch):
         def part(j, a, b, B, beta, key_high, key_low):  # prepare rows [a, b) and their forward and backward
             a, b = int(a), int(b)
             return forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
-                                    eps_buffer[a:b], int(B), beta)
+                                    eps_buffer[a:b], int(B), beta, batch)
 
-        def add(j):                      # the gradient sum on range j, and its squared norm
-            return (add_grads(*grad_ranges[j]),)
+        def grads(j, B):                 # the weight gradients on range j, and their squared norm
+            return (weight_grads(batch, *grad_ranges[j], int(B)),)
 
         def update(j, t, lr):            # the optimizer's step t on range j
             optimizer.step_range(model.grads, *grad_ranges[j], t, lr)
             return ()
-        return part, add, update
+        return part, grads, update
 
     def helpers(rows):
         B, kind = rows.shape[0], (rows.dtype, rows.shape[1:])
@@ -326,7 +339,8 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
                 pool["processes"].close()
             pool["rows"] = parallel.shared_zeros(rows.size, rows.dtype).reshape(rows.shape)
             pool["eps"] = parallel.shared_zeros(math.prod(eps_shape(B)), model.dtype).reshape(eps_shape(B))
-            pool["processes"] = parallel.Processes(n, tasks(pool["rows"], pool["eps"]))
+            pool["batch"] = split_batch(B, shared=True)
+            pool["processes"] = parallel.Processes(n, tasks(pool["rows"], pool["eps"], pool["batch"]))
             pool["capacity"], pool["rows kind"] = B, kind
         return pool["processes"]
 
@@ -342,7 +356,7 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
             parts = processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF)
                                       for a, b in parallel.ranges(B, n)])
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            g2 = sum(p[0] for p in processes.run(1, [()] * n))
+            g2 = sum(p[0] for p in processes.run(1, [(B,)] * n))
             return finish(sums, g2, lambda: processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n))
     return step
 

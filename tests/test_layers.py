@@ -250,3 +250,28 @@ def test_check_activation_returns_known_names():
     for name in ACTIVATIONS:
         assert check_activation(name) == name
 
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bound_dense_writes_y_and_da_where_told_and_leaves_dW_db_to_weight_grads(name):
+    """out and da_out bound: the same y and dx, y and da in those arrays, and weight_grads
+    over any split of the rows gives the unbound layer's dW and db."""
+    rng = np.random.default_rng(7)
+    x, dy = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    W, b = rng.standard_normal((4, 3)), rng.standard_normal(3)
+
+    def layer():
+        return Dense(W, b, np.full((4, 3), np.nan), np.full(3, np.nan), name)
+    plain = layer()
+    y, dx = plain.forward(x).copy(), plain.backward(dy)
+    bound = layer()
+    out, da_out = np.full((6, 3), np.nan), np.full((6, 3), np.nan)
+    bound.out, bound.da_out = out, da_out
+    assert bound.forward(x) is out
+    np.testing.assert_array_equal(out, y)
+    np.testing.assert_array_equal(bound.backward(dy), dx)
+    assert np.isnan(bound.dW).all() and np.isnan(bound.db).all()   # not written by backward
+    for rows, cols in ((slice(0, 1), slice(0, 2)), (slice(1, 4), slice(2, 3))):
+        bound.weight_grads(x, da_out, rows, cols)
+    np.testing.assert_allclose(bound.dW, plain.dW, rtol=1e-14)
+    np.testing.assert_allclose(bound.db, plain.db, rtol=1e-14)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from npvae import parallel
-from npvae.model import VAE
+from npvae.model import VAE, SplitBatch
 from npvae.optim import SGD, Adam
 from npvae.train import TrainConfig, Trainer, make_prepare, make_step
 
@@ -141,6 +141,86 @@ def test_replica_shares_parameters_but_not_gradients_or_caches():
         assert np.array_equal(g_r[n], fresh.grads[n]), n
 
 
+# --- a split batch: weight gradients after the backward passes ------------------------------------
+
+SPLIT_KINDS = [dict(), dict(activation="elu"), dict(likelihood="gaussian", activation="relu"),
+               dict(likelihood="gaussian", x_sigma=0.3, activation="softplus"), dict(hidden=(6,))]
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("cuts", [(4,), (1, 6), (3, 4, 5)])
+def test_split_batch_weight_grads_are_the_models_gradient(kind, k, cuts):
+    """float64: replicas bound to blocks of rows, then weight_grads range by range, give
+    loss_and_grads' gradient; the replicas' own gradients are never written."""
+    B = 7
+    m = small_vae(**kind)
+    rng = np.random.default_rng(4)
+    x = rng.random((B, 12)) if m.likelihood == "gaussian" else (rng.random((B, 12)) > 0.5) * 1.0
+    eps = rng.standard_normal((B, 3) if k == 1 else (B, k, 3))
+    _, expected = m.loss_and_grads(x, eps, k=k, beta=0.6 if k == 1 else 1.0)
+    expected = np.concatenate([g.ravel() for g in expected.values()])
+    m.flat_grads[...] = np.nan          # every entry must be written again (padding aside)
+    batch = SplitBatch(m, B + 2, k)     # room for more rows than this batch has
+    replicas = []
+    for a, b in zip((0,) + cuts, cuts + (B,)):
+        r = m.replica()
+        r.bind_rows(batch, a, b)
+        if k == 1:
+            r.forward(x[a:b], eps[a:b])
+            r.backward(np.full(b - a, -1.0 / B), np.full(b - a, 0.6 / B))
+        else:
+            r.forward_iwae(x[a:b], eps[a:b])
+            r.backward_iwae(np.full(b - a, -1.0 / B))
+        replicas.append(r)
+    for start, stop in m.grad_ranges(len(cuts) + 2):
+        batch.weight_grads(start, stop, B)
+    got = np.concatenate([g.ravel() for g in m.grads.values()])
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    assert all(not r.flat_grads.any() for r in replicas)
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 40])
+def test_grad_ranges_tile_the_buffer_in_near_equal_pieces_cut_between_weight_rows(kind, n):
+    m = small_vae(**kind)
+    ranges = m.grad_ranges(n)
+    assert len(ranges) == n and ranges[0][0] == 0 and ranges[-1][1] == m.flat_grads.size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # allowed cuts are at most a row (a bias is one row) plus alignment padding apart
+    widest = max(p.shape[-1] for p in m.params.values())
+    for j, (start, _) in enumerate(ranges[1:], 1):
+        assert abs(start - m.flat_grads.size * j / n) <= widest + 16
+    batch = SplitBatch(m, 4)
+    for start, stop in ranges:
+        batch.weight_grads(start, stop, 4)   # raises if a range cuts a row
+
+
+def test_weight_grads_refuses_a_range_that_cuts_a_row_and_a_batch_larger_than_its_room():
+    m = small_vae()
+    batch = SplitBatch(m, 4)
+    with pytest.raises(ValueError, match="cuts a row of a weight matrix"):
+        batch.weight_grads(0, 5, 4)      # enc.h0.W is (12, 9): 5 is inside its first row
+    with pytest.raises(ValueError, match="B must be in \\[1, 4\\], got 5"):
+        batch.weight_grads(0, 9, 5)
+
+
+def test_unbound_replica_computes_its_own_gradients_again():
+    m = small_vae()
+    x = (np.random.default_rng(1).random((5, 12)) > 0.5) * 1.0
+    eps = np.random.default_rng(2).standard_normal((5, 3))
+    r = m.replica()
+    r.bind_rows(SplitBatch(m, 5), 0, 5)
+    r.loss_and_grads(x, eps)
+    assert not r.flat_grads.any()
+    r.bind_rows(None, 0, 0)
+    assert all(layer.out is None and layer.da_out is None for layer in r._layers.values())
+    _, g = r.loss_and_grads(x, eps)
+    _, expected = m.loss_and_grads(x, eps)
+    for name in g:
+        assert np.array_equal(g[name], expected[name]), name
+
+
 # --- the parallel step against the serial one ---------------------------------------------------------
 
 @pytest.mark.parametrize("binarize, make_rows", PREPARED)
@@ -207,15 +287,17 @@ def test_split_step_is_skipped_when_one_part_has_an_infinite_gradient(monkeypatc
     before = m.flat_params.copy()
     backward = VAE.backward
 
-    def backward_inf_in_replicas(self, *args):
+    rows = binary_rows(8)
+
+    def backward_inf_in_the_second_part(self, *args):
         grads = backward(self, *args)
-        if self is not m:
-            self.flat_grads[3] = np.inf
+        if np.array_equal(self._cache[0] * 255, rows[4:]):   # the part with the last four rows:
+            self.dec_heads[0].da_out[0, 3] = np.inf     # the logits' local gradient, for weight_grads
         return grads
-    monkeypatch.setattr(VAE, "backward", backward_inf_in_replicas)   # helpers are forked after this
+    monkeypatch.setattr(VAE, "backward", backward_inf_in_the_second_part)   # helpers are forked after this
     step = make_step(m, opt, make_prepare("none", 0.5, "bernoulli", "grey", np.float64), threads=2,
                      backend=backend)
-    rec, kl, g2 = step(binary_rows(8), 1.0, np.random.default_rng(0))
+    rec, kl, g2 = step(rows, 1.0, np.random.default_rng(0))
     assert np.isfinite(rec) and np.isfinite(kl) and not np.isfinite(g2)
     assert opt.t == 0
     np.testing.assert_array_equal(m.flat_params, before)
