@@ -15,10 +15,11 @@ OpenBLAS's own threads to gain much. So a step splits the minibatch instead
                (model.grad_ranges: whole rows of each weight matrix)
     thread j:  the optimizer's update on range j of the flat parameter buffer
 
-Each weight gradient is the same sum as one thread's, so a step agrees with
-the serial one to float rounding; for a given number of threads every run
-is bit for bit reproducible (the split does not depend on timing). NumPy releases the GIL inside its loops and BLAS calls, which is what
-lets the threads overlap. While the threads run, OpenBLAS is asked for one
+Each weight gradient is the same sum over the batch as one thread's, so a
+step agrees with the serial one to float rounding; for a given number of
+threads every run is bit for bit reproducible (the split does not depend on
+timing). NumPy releases the GIL inside its loops and BLAS calls, which is
+what lets the threads overlap. While the threads run, OpenBLAS is asked for one
 BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
 threads do not also start BLAS's pool; without that control `threads="auto"`
 stays on one thread. In NumPy's pthreads build of OpenBLAS that setting is

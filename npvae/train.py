@@ -231,6 +231,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
                              "with its params dict (the state then lives in shared memory too)")
         use = "threads"
     if n > 1:
+        # bound to a SplitBatch, a replica leaves its own gradient buffer alone;
+        # the model itself stays unbound, for serial steps and evaluation
         replicas = [model.replica() for _ in range(n)]
         grad_ranges = model.grad_ranges(n)
 
