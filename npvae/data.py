@@ -238,6 +238,30 @@ def binarize_rows(x, key, first_row=0):
     return np.less(u, x).astype(x.dtype)
 
 
+def binarize_bytes(x, key, first_row=0, dtype=np.float32):
+    """binarize_rows for grey levels stored as bytes: x (b, D) uint8 -> (b, D) dtype, Bernoulli(k/255) draws.
+
+    The same scheme in integers, at 16 bits instead of 24: pixel d of row r
+    is on when w < 257 k or k = 255, with w the d-th 16-bit word of row r's
+    own stretch of a PCG64 stream seeded by key (ceil(D/4) 64-bit draws a
+    row, starting r * ceil(D/4) in). So k = 0 is never on, k = 255 always,
+    and otherwise P(on) = 257 k / 65536 = (k/255)(1 - 2^-16), within 2^-16
+    of k/255. Four pixels a 64-bit draw
+    instead of two, and no pass in floats but the last: about half the time
+    of to_float and binarize_rows. A block of rows draws what the whole does.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
+        raise TypeError(f"binarize_bytes expects a 2-D uint8 array of grey levels, got {_describe(x)}")
+    b, D = x.shape
+    per_row = -(-D // 4)                       # 64-bit draws per row: four 16-bit words each
+    stream = np.random.PCG64(key)
+    stream.advance(first_row * per_row)
+    words = stream.random_raw(b * per_row).view(np.uint16).reshape(b, 4 * per_row)[:, :D]
+    on = np.less(words, np.multiply(x, np.uint16(257), dtype=np.uint16))
+    on |= np.equal(x, 255)                     # 257 * 255 = 65535: w = 65535 is not below it
+    return on.astype(dtype)
+
+
 def split_validation(dataset, n_valid, seed):
     """Hold out a validation set: -> x_train (N - n_valid, D), y_train, x_valid (n_valid, D), y_valid."""
     if not isinstance(dataset, Dataset):

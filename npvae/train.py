@@ -176,7 +176,8 @@ class Prepare:
     """Stored rows -> model input (B, D) of the given dtype: prepare(rows, rng).
 
     Floats (grey levels k/255 from uint8), binarized when a Bernoulli model
-    meets grey levels (dynamic: fresh Bernoulli draws; threshold: x > threshold).
+    meets grey levels (dynamic: fresh Bernoulli draws, datasets.binarize_bytes
+    straight from uint8 rows, else binarize_rows; threshold: x > threshold).
     In two parts, so that processes can each prepare their own rows of a
     minibatch: noise(rng) is all the minibatch takes from rng (the
     binarization key, else 0), and rows(x, noise, first_row) prepares the
@@ -193,6 +194,8 @@ class Prepare:
         return datasets.binarize_key(rng) if self.dynamic else 0
 
     def rows(self, x, noise, first_row=0):
+        if self.dynamic and isinstance(x, np.ndarray) and x.dtype == np.uint8:
+            return datasets.binarize_bytes(x, noise, first_row, self.dtype)   # no floats on the way
         x = datasets.to_float(x, self.dtype)
         if self.dynamic:
             return datasets.binarize_rows(x, noise, first_row)

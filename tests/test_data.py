@@ -14,6 +14,7 @@ import pytest
 import scipy.io
 
 from npvae import data
+from npvae.train import make_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -772,6 +773,40 @@ def test_binarize_rows_draws_each_row_alike_whatever_block_it_is_in(D):
     rng = np.random.default_rng(5)
     np.testing.assert_array_equal(data.binarize(x, rng), data.binarize_rows(x, data.binarize_key(
         np.random.default_rng(5))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binarize_bytes_draws_bernoulli_of_the_grey_level(dtype):
+    k = np.arange(256, dtype=np.uint8)[None, :].repeat(2000, axis=0)   # every grey level, 2000 rows
+    draws = np.stack([data.binarize_bytes(k, key, dtype=dtype) for key in range(20)])  # 40 000 a level
+    assert draws.dtype == dtype and set(np.unique(draws).tolist()) <= {0.0, 1.0}
+    assert (draws[..., 0] == 0).all() and (draws[..., 255] == 1).all()   # k = 0 never, k = 255 always
+    assert data.binarize_bytes(np.full((1000, 512), 255, np.uint8), 5).all()  # w = 65535: ~8 a run if missed
+    p = np.arange(255) * 257 / 65536                                     # k/255 (1 - 2^-16) below 255
+    mean = draws[..., :255].mean(axis=(0, 1))
+    se = np.sqrt(p * (1 - p) / 40000) + 1e-9
+    assert np.max(np.abs(mean - p) / se) < 5.5                          # 254 levels, 5.5 standard errors
+    np.testing.assert_allclose(p, np.arange(255) / 255, atol=2.0 ** -16)
+    # the same image, prepared for training: the bytes path, with no float pass on the way
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", dtype)
+    np.testing.assert_array_equal(prepare.rows(k[:3], 77, 0), data.binarize_bytes(k[:3], 77, dtype=dtype))
+    x = data.to_float(k[:3], dtype)
+    np.testing.assert_array_equal(prepare.rows(x, 77, 0), data.binarize_rows(x, 77))   # floats: as before
+
+
+@pytest.mark.parametrize("D", [5, 8, 9])
+def test_binarize_bytes_draws_each_row_alike_whatever_block_it_is_in(D):
+    x = np.random.default_rng(0).integers(0, 256, (9, D), dtype=np.uint8)
+    whole = data.binarize_bytes(x, key=123)
+    blocks = [data.binarize_bytes(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    assert not np.array_equal(data.binarize_bytes(x, key=124), whole)   # another key, other draws
+    same = data.binarize_bytes(np.full((9, D), 128, np.uint8), key=123)
+    assert len({r.tobytes() for r in same}) > 1                           # each row has its own draws
+    with pytest.raises(TypeError, match="2-D uint8"):
+        data.binarize_bytes(data.to_float(x), key=1)
+    with pytest.raises(TypeError, match="2-D uint8"):
+        data.binarize_bytes(x[0], key=1)
 
 
 def test_binarize_threshold_and_arguments():
