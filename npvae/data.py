@@ -246,9 +246,9 @@ def binarize_bytes(x, key, first_row=0, dtype=np.float32):
     own stretch of a PCG64 stream seeded by key (ceil(D/4) 64-bit draws a
     row, starting r * ceil(D/4) in). So k = 0 is never on, k = 255 always,
     and otherwise P(on) = 257 k / 65536 = (k/255)(1 - 2^-16), within 2^-16
-    of k/255. Four pixels a 64-bit draw
-    instead of two, and no pass in floats but the last: about half the time
-    of to_float and binarize_rows. A block of rows draws what the whole does.
+    of k/255. Four pixels a 64-bit draw instead of two, and no pass in
+    floats but the last: about half the time of to_float and binarize_rows.
+    A block of rows draws what the whole does.
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
         raise TypeError(f"binarize_bytes expects a 2-D uint8 array of grey levels, got {_describe(x)}")

@@ -759,20 +759,27 @@ def test_binarize_draws_bernoulli(dtype):
     assert (draws[:, :, 0] == 0).all() and (draws[:, :, -1] == 1).all()  # p = 0 and p = 1 are certain
 
 
-@pytest.mark.parametrize("D", [7, 8])
-def test_binarize_rows_draws_each_row_alike_whatever_block_it_is_in(D):
+@pytest.mark.parametrize("D", [5, 7, 8, 9])
+@pytest.mark.parametrize("stored", ["floats", "bytes"])
+def test_binarize_draws_each_row_alike_whatever_block_it_is_in(stored, D):
     # Processes binarize their own rows of a minibatch: a block that starts at
     # row a draws what the whole batch draws for those rows.
-    x = np.random.default_rng(0).random((9, D)).astype(np.float32)
-    whole = data.binarize_rows(x, key=123)
-    blocks = [data.binarize_rows(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
+    grey = np.random.default_rng(0).integers(0, 256, (9, D), dtype=np.uint8)
+    as_stored = (lambda k: k) if stored == "bytes" else data.to_float
+    draw = data.binarize_bytes if stored == "bytes" else data.binarize_rows
+    x = as_stored(grey)
+    whole = draw(x, key=123)
+    blocks = [draw(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
     np.testing.assert_array_equal(np.concatenate(blocks), whole)
-    assert not np.array_equal(data.binarize_rows(x, key=124), whole)   # another key, other draws
-    same = data.binarize_rows(np.full((9, D), 0.5, np.float32), key=123)
+    assert not np.array_equal(draw(x, key=124), whole)                    # another key, other draws
+    same = draw(as_stored(np.full((9, D), 128, np.uint8)), key=123)
     assert len({r.tobytes() for r in same}) > 1                           # each row has its own draws
-    rng = np.random.default_rng(5)
-    np.testing.assert_array_equal(data.binarize(x, rng), data.binarize_rows(x, data.binarize_key(
-        np.random.default_rng(5))))
+
+
+def test_binarize_is_binarize_rows_with_a_key_from_rng():
+    x = np.random.default_rng(0).random((9, 7)).astype(np.float32)
+    np.testing.assert_array_equal(data.binarize(x, np.random.default_rng(5)), data.binarize_rows(
+        x, data.binarize_key(np.random.default_rng(5))))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -792,21 +799,10 @@ def test_binarize_bytes_draws_bernoulli_of_the_grey_level(dtype):
     np.testing.assert_array_equal(prepare.rows(k[:3], 77, 0), data.binarize_bytes(k[:3], 77, dtype=dtype))
     x = data.to_float(k[:3], dtype)
     np.testing.assert_array_equal(prepare.rows(x, 77, 0), data.binarize_rows(x, 77))   # floats: as before
-
-
-@pytest.mark.parametrize("D", [5, 8, 9])
-def test_binarize_bytes_draws_each_row_alike_whatever_block_it_is_in(D):
-    x = np.random.default_rng(0).integers(0, 256, (9, D), dtype=np.uint8)
-    whole = data.binarize_bytes(x, key=123)
-    blocks = [data.binarize_bytes(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
-    np.testing.assert_array_equal(np.concatenate(blocks), whole)
-    assert not np.array_equal(data.binarize_bytes(x, key=124), whole)   # another key, other draws
-    same = data.binarize_bytes(np.full((9, D), 128, np.uint8), key=123)
-    assert len({r.tobytes() for r in same}) > 1                           # each row has its own draws
     with pytest.raises(TypeError, match="2-D uint8"):
-        data.binarize_bytes(data.to_float(x), key=1)
+        data.binarize_bytes(x, key=1)
     with pytest.raises(TypeError, match="2-D uint8"):
-        data.binarize_bytes(x[0], key=1)
+        data.binarize_bytes(k[0], key=1)
 
 
 def test_binarize_threshold_and_arguments():
