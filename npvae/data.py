@@ -215,6 +215,20 @@ def binarize_key(rng):
     return int(rng.integers(2**63))
 
 
+def _row_words(key, first_row, b, D, dtype):
+    """(b, D) random words of an unsigned dtype (uint16, uint32) for rows first_row, ..., first_row + b - 1.
+
+    Row r's words are its own stretch of a PCG64 stream seeded by key:
+    ceil(D / w) 64-bit draws of w words each, starting r times that many
+    draws in. So a block of rows gets exactly the words the whole batch would.
+    """
+    per_draw = 8 // np.dtype(dtype).itemsize
+    per_row = -(-D // per_draw)                # 64-bit draws per row
+    stream = np.random.PCG64(key)
+    stream.advance(first_row * per_row)
+    return stream.random_raw(b * per_row).view(dtype).reshape(b, per_draw * per_row)[:, :D]
+
+
 def binarize_rows(x, key, first_row=0):
     """Bernoulli(x) draws for rows first_row, first_row + 1, ... of a minibatch whose noise seed is key.
 
@@ -222,17 +236,13 @@ def binarize_rows(x, key, first_row=0):
     sees the same binary image twice, which stops it overfitting one fixed
     sample (Burda et al. 2015). Pixel d of row r is on when u < x, with u
     uniform on [0, 1) in steps of 2^-24 (as NumPy's float32 Generator.random):
-    the top 24 bits of the d-th 32-bit word of row r's own stretch of a PCG64
-    stream seeded by key. Row r's stretch starts r * ceil(D/2) 64-bit draws in,
-    so a process that binarizes only rows [a, b) (first_row = a) draws exactly
-    what one pass over the whole batch would, with no other process's help.
+    the top 24 bits of the d-th 32-bit word of row r's own stretch of the
+    stream (_row_words), so a process that binarizes only rows [a, b)
+    (first_row = a) draws exactly what one pass over the whole batch would,
+    with no other process's help.
     """
     _check_probabilities(x)
-    b, D = x.shape
-    per_row = -(-D // 2)                       # 64-bit draws per row: two 32-bit words each
-    stream = np.random.PCG64(key)
-    stream.advance(first_row * per_row)
-    words = stream.random_raw(b * per_row).view(np.uint32).reshape(b, 2 * per_row)[:, :D]
+    words = _row_words(key, first_row, *x.shape, np.uint32)
     u = np.right_shift(words, 8).astype(x.dtype)
     u *= 2.0 ** -24
     return np.less(u, x).astype(x.dtype)
@@ -243,8 +253,7 @@ def binarize_bytes(x, key, first_row=0, dtype=np.float32):
 
     The same scheme in integers, at 16 bits instead of 24: pixel d of row r
     is on when w < 257 k or k = 255, with w the d-th 16-bit word of row r's
-    own stretch of a PCG64 stream seeded by key (ceil(D/4) 64-bit draws a
-    row, starting r * ceil(D/4) in). So k = 0 is never on, k = 255 always,
+    own stretch of the stream (_row_words). So k = 0 is never on, k = 255 always,
     and otherwise P(on) = 257 k / 65536 = (k/255)(1 - 2^-16), within 2^-16
     of k/255. Four pixels a 64-bit draw instead of two, and no pass in
     floats but the last: about half the time of to_float and binarize_rows.
@@ -252,11 +261,7 @@ def binarize_bytes(x, key, first_row=0, dtype=np.float32):
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
         raise TypeError(f"binarize_bytes expects a 2-D uint8 array of grey levels, got {_describe(x)}")
-    b, D = x.shape
-    per_row = -(-D // 4)                       # 64-bit draws per row: four 16-bit words each
-    stream = np.random.PCG64(key)
-    stream.advance(first_row * per_row)
-    words = stream.random_raw(b * per_row).view(np.uint16).reshape(b, 4 * per_row)[:, :D]
+    words = _row_words(key, first_row, *x.shape, np.uint16)
     on = np.less(words, np.multiply(x, np.uint16(257), dtype=np.uint16))
     on |= np.equal(x, 255)                     # 257 * 255 = 65535: w = 65535 is not below it
     return on.astype(dtype)
