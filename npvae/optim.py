@@ -72,20 +72,37 @@ class Optimizer:
         self.lr = _check_rate("lr", lr, 0.0, np.inf)
         self.t = 0
         self._layout = flat_layout(params.values())
-        # one zero-initialized array per state name and parameter, e.g. self.state["m"]["enc.h0.W"],
+        # one zero-initialized array per state name and parameter, e.g. self._state["m"]["enc.h0.W"],
         # views into one flat buffer per state name laid out like the parameters where they have one
-        self.state, self._flat_state = {}, {}
+        self._state, self._flat_state = {}, {}
         for s in self.state_names:
             if self._layout is None:
-                self.state[s] = {n: np.zeros_like(p) for n, p in params.items()}
+                self._state[s] = {n: np.zeros_like(p) for n, p in params.items()}
                 continue
             span, offsets = self._layout
             buffer = self._flat_state[s] = (shared_zeros(span.size, span.dtype) if is_shared(span)
                                             else np.zeros_like(span))
-            self.state[s] = {n: buffer[o:o + p.size].reshape(p.shape)
-                             for (n, p), o in zip(params.items(), offsets)}
+            self._state[s] = {n: buffer[o:o + p.size].reshape(p.shape)
+                              for (n, p), o in zip(params.items(), offsets)}
         self._tmp = {}
         self._seen_grads = ((), None)   # (grads arrays, their flat_layout) of the last step
+
+    def _state_scale(self, name):
+        """s with (the state itself) = s * (the stored array) at the current step: 1 unless an optimizer stores it scaled."""
+        return 1.0
+
+    @property
+    def state(self):
+        """{state name: {parameter name: array}}, e.g. state["m"]["enc.h0.W"], to read.
+
+        Where an optimizer stores a state scaled (Adam), these are scaled-back
+        copies; load_state_dict() is the way to set the state.
+        """
+        out = {}
+        for s, arrays in self._state.items():
+            scale = self._state_scale(s)
+            out[s] = arrays if scale == 1.0 else {n: a * scale for n, a in arrays.items()}
+        return out
 
     @property
     def shares_memory(self):
@@ -121,12 +138,25 @@ class Optimizer:
                 self._update(*arrays)
                 return
             workers.run([functools.partial(self._update, *(a[start:stop] for a in arrays))
-                         for start, stop in ranges(arrays[0].size, workers.n, align=16)])
+                         for start, stop in self.update_ranges(workers.n)])
             return
         for name, p in self.params.items():
-            states = [self.state[s][name] for s in self.state_names]
+            states = [self._state[s][name] for s in self.state_names]
             g = np.asarray(grads[name], dtype=p.dtype)
             self._update(p, g, *states, self._scratch(name, p))
+
+    def update_ranges(self, n):
+        """The n ranges of the flat buffers that n threads or processes update (step, step_range).
+
+        Cut at multiples of 64 entries: BLAS's axpy (Adam) rounds an entry by a
+        fused multiply-add or not depending on where it falls in the piece it
+        is given (its vector loop or its tail), and 64 entries are whole turns
+        of its vector loop, so each entry is rounded as in one call on the
+        whole buffer. Threads and processes take these same ranges.
+        """
+        if self._layout is None:
+            raise ValueError("update_ranges needs parameters that tile one flat buffer")
+        return ranges(self._layout[0].size, n, align=64)
 
     def step_range(self, grads, start, stop, t, lr):
         """Step t at learning rate lr, on elements [start, stop) of the flat buffers only.
@@ -166,17 +196,36 @@ class Optimizer:
     def _begin_step(self):
         """Per-step scalars (e.g. bias corrections), computed once before the updates."""
 
+    # an optimizer that stores a state scaled (Adam) sets this: state_dict() then saves the
+    # stored arrays as they are, and '<state>.scale', so that a resumed run repeats bit for bit
+    scaled_state = False
+
     def state_dict(self):
-        """{'t': step count, 'lr': ..., '<state>/<param name>': array} as plain arrays (no pickle)."""
+        """{'t': step count, 'lr': ..., '<state>/<param name>': array} as plain arrays (no pickle).
+
+        With scaled_state, each '<state>/<param name>' is the stored array and
+        '<state>.scale' the factor that makes it the state itself.
+        """
         out = {"t": np.int64(self.t), "lr": np.float64(self.lr)}
-        for s, arrays in self.state.items():
+        for s, arrays in self._state.items():
+            if self.scaled_state:
+                out[f"{s}.scale"] = np.float64(self._state_scale(s))
             for n, a in arrays.items():
                 out[f"{s}/{n}"] = a.copy()
         return out
 
     def load_state_dict(self, state):
-        """Restore what state_dict() returned; shapes and names must match."""
-        for s, arrays in self.state.items():
+        """Restore what state_dict() returned; shapes and names must match.
+
+        Without '<state>.scale', the arrays are taken as the state itself (as
+        an optimizer that does not scale its state saves them).
+        """
+        scales = {}
+        for s, arrays in self._state.items():
+            scale = float(state.get(f"{s}.scale", 1.0))
+            if not (math.isfinite(scale) and scale > 0.0):
+                raise ValueError(f"optimizer state {s + '.scale'!r} must be a positive number, got {scale!r}")
+            scales[s] = scale
             for n, a in arrays.items():
                 key = f"{s}/{n}"
                 if key not in state:
@@ -186,11 +235,15 @@ class Optimizer:
                     raise ValueError(f"optimizer state {key!r} has shape {v.shape}, expected {a.shape}")
                 if not np.all(np.isfinite(v)):
                     raise ValueError(f"optimizer state {key!r} holds NaN or infinite values")
-        for s, arrays in self.state.items():
+        lr = _check_rate("lr", float(state["lr"]), 0.0, np.inf)
+        self.t, self.lr = int(state["t"]), lr
+        for s, arrays in self._state.items():
+            # stored here = (the state itself) / (this optimizer's scale at the loaded t)
+            ratio = scales[s] / self._state_scale(s)
             for n, a in arrays.items():
                 a[...] = state[f"{s}/{n}"]
-        self.t = int(state["t"])
-        self.lr = _check_rate("lr", float(state["lr"]), 0.0, np.inf)
+                if ratio != 1.0:
+                    a *= ratio
 
 
 class SGD(Optimizer):
@@ -212,6 +265,37 @@ class SGD(Optimizer):
         p -= tmp
 
 
+def _axpy_of(dtype):
+    """BLAS's y <- a x + y for float32 or float64 (scipy.linalg.blas), else None."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        return None
+    if dtype not in _AXPY:
+        from scipy.linalg import blas   # SciPy's BLAS: ~0.3 s to import, so only once an Adam is made
+        _AXPY[dtype] = blas.get_blas_funcs("axpy", dtype=dtype)
+    return _AXPY[dtype]
+
+
+_AXPY = {}
+
+
+def _add_scaled(y, a, x):
+    """y += a x in place: one BLAS pass (axpy) where y and x are contiguous, else two NumPy passes."""
+    axpy = _axpy_of(y.dtype)
+    if axpy is not None and x.dtype == y.dtype and y.flags.c_contiguous and x.flags.c_contiguous:
+        # reshape(-1) of a contiguous array is a view, so axpy writes y itself
+        axpy(x.reshape(-1), y.reshape(-1), a=a)
+    else:
+        y += a * x
+
+
+def _scale_period(beta):
+    """How many steps a moment may go unrescaled: R with beta^(R - 1) >= 2^-20 (at most 1024; 1 for beta = 0)."""
+    if beta == 0.0:
+        return 1
+    return max(1, min(1024, 1 + int(math.floor(math.log(2.0 ** -20) / math.log(beta)))))
+
+
 class Adam(Optimizer):
     """Adam, exactly as Algorithm 1 of Kingma & Ba (2015).
 
@@ -221,39 +305,65 @@ class Adam(Optimizer):
         theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
 
     State: 'm' and 'v', one array per parameter with its shape, and the step t.
+
+    How it is stored (to save passes over memory): the arrays hold
+    M = m / s1 and V = v / s2 with s1 = beta1^(t mod R1), s2 = beta2^(t mod R2)
+    (_scale_period). Then beta1 m + (1 - beta1) g is M + ((1 - beta1) / s1) g,
+    one BLAS axpy instead of a scaling pass and an addition; every R steps the
+    scale comes back to 1 (one extra pass). `state` gives m and v themselves;
+    state_dict() the stored arrays and their scales ('m.scale', 'v.scale'),
+    so that a resumed run repeats bit for bit.
     """
 
     state_names = ("m", "v")
+    scaled_state = True
 
     def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-        self.beta1 = _check_rate("beta1", beta1, 0.0, 1.0, low_open=False)
-        self.beta2 = _check_rate("beta2", beta2, 0.0, 1.0, low_open=False)
+        self._beta1 = _check_rate("beta1", beta1, 0.0, 1.0, low_open=False)
+        self._beta2 = _check_rate("beta2", beta2, 0.0, 1.0, low_open=False)
         self.eps = _check_rate("eps", eps, 0.0, np.inf)
+        self._periods = (_scale_period(self._beta1), _scale_period(self._beta2))
         super().__init__(params, lr)
+        for p in params.values():
+            _axpy_of(p.dtype)   # import SciPy's BLAS now, before any helper process is forked
+
+    # the stored moments are scaled by powers of the betas, so the betas cannot change
+    beta1 = property(lambda self: self._beta1, doc="beta1 (fixed at construction)")
+    beta2 = property(lambda self: self._beta2, doc="beta2 (fixed at construction)")
+
+    def _state_scale(self, name):
+        """s with (true state) = s * (stored array), at the current step t."""
+        beta, period = (self._beta1, self._periods[0]) if name == "m" else (self._beta2, self._periods[1])
+        return beta ** (self.t % period)
 
     def _begin_step(self):
-        self._c1 = 1.0 - self.beta1 ** self.t   # bias corrections
-        self._c2 = 1.0 - self.beta2 ** self.t
+        t, (b1, b2), (r1, r2) = self.t, (self._beta1, self._beta2), self._periods
+        c1 = 1.0 - b1 ** t   # bias corrections
+        c2 = 1.0 - b2 ** t
+        s1, s2 = self._state_scale("m"), self._state_scale("v")
+        # Going from step t - 1 to t: M <- (decay) M + (1 - beta1)/s1 g, where
+        # decay = beta1 s1(t-1) / s1(t) is 1 but when t mod R1 = 0 (s1 back to 1).
+        self._decay = (b1 ** r1 if t % r1 == 0 else 1.0, b2 ** r2 if t % r2 == 0 else 1.0)
+        self._rates = ((1.0 - b1) / s1, (1.0 - b2) / s2)
+        # m_hat / (sqrt(v_hat) + eps) = (s1 / (c1 q)) M / (sqrt(V) + eps / q), q = sqrt(s2 / c2):
+        # the bias corrections and scales become two scalars instead of passes.
+        q = math.sqrt(s2 / c2)
+        self._eps_q = self.eps / q
+        self._lr_q = self.lr * s1 / (c1 * q)
 
     def _update(self, p, g, m, v, tmp):
         # Python floats, not NumPy float64 scalars: a float64 scalar would make
         # NumPy run a float32 array's pass in float64, casting every element
         # there and back (twice as slow; see the dtype test in test_optim.py).
-        c2 = math.sqrt(self._c2)
-        # m += (1 - beta1)(g - m) is beta1 m + (1 - beta1) g in three passes
-        # without a second temporary; likewise for v.
-        np.subtract(g, m, out=tmp)
-        tmp *= 1.0 - self.beta1
-        m += tmp
+        # Seven passes: two of them only once every R steps, when a decay is not 1.
+        if self._decay[0] != 1.0:
+            m *= self._decay[0]
+        _add_scaled(m, self._rates[0], g)
         np.multiply(g, g, out=tmp)
-        tmp -= v
-        tmp *= 1.0 - self.beta2
-        v += tmp
-        # sqrt(v_hat) + eps = (sqrt(v) + eps sqrt(c2)) / sqrt(c2), so
-        # lr m_hat / (sqrt(v_hat) + eps) = (lr sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)):
-        # the bias corrections become two scalars instead of two passes.
+        if self._decay[1] != 1.0:
+            v *= self._decay[1]
+        _add_scaled(v, self._rates[1], tmp)
         np.sqrt(v, out=tmp)
-        tmp += self.eps * c2
+        tmp += self._eps_q
         np.divide(m, tmp, out=tmp)
-        tmp *= self.lr * c2 / self._c1
-        p -= tmp
+        _add_scaled(p, -self._lr_q, tmp)

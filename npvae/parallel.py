@@ -22,7 +22,8 @@ timing). NumPy releases the GIL inside its loops and BLAS calls, which is
 what lets the threads overlap. While the threads run, OpenBLAS is asked for one
 BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
 threads do not also start BLAS's pool; without that control `threads="auto"`
-stays on one thread. In NumPy's pthreads build of OpenBLAS that setting is
+stays on one thread. SciPy's BLAS (scipy.linalg.blas, whose axpy Adam uses)
+is an OpenBLAS of its own, with its own pool, and is held to one thread too. In NumPy's pthreads build of OpenBLAS that setting is
 not per thread but the process's, so Workers.run sets it before handing out
 work and puts the old count back only when every thread has finished.
 
@@ -50,25 +51,29 @@ import weakref
 
 import numpy as np
 
-_BLAS = []  # [(set_local or None, get or None)], found once
-_GET_NAMES = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_")
+_BLAS = []  # [[(set_local, get or None), ...]]: every OpenBLAS found, NumPy's first; found once
+_GET_NAMES = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+              "scipy_openblas_get_num_threads")
 
 
 def _find_blas():
-    """(openblas_set_num_threads_local, openblas_get_num_threads) of NumPy's OpenBLAS, each or None.
+    """[(openblas_set_num_threads_local, openblas_get_num_threads or None)] of each OpenBLAS loaded.
 
-    Looks for an OpenBLAS library among those the process has loaded (Linux:
-    /proc/self/maps), preferring the one NumPy ships.
+    Looks among the libraries the process has loaded (Linux: /proc/self/maps),
+    NumPy's first. SciPy ships an OpenBLAS of its own, with its own pool of
+    threads, for scipy.linalg.blas (whose axpy Adam uses): it is loaded here
+    first, so that both are found and held to one thread together.
     """
     if _BLAS:
         return _BLAS[0]
-    found = (None, None)
+    import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS)
+    found = []
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
     except OSError:
         paths = set()
-    for path in sorted(paths, key=lambda p: "numpy" not in p):
+    for path in sorted(paths, key=lambda p: ("numpy" not in p, p)):
         try:
             lib = ctypes.CDLL(path)
             set_local = lib.openblas_set_num_threads_local
@@ -78,37 +83,48 @@ def _find_blas():
         get = next((getattr(lib, name) for name in _GET_NAMES if hasattr(lib, name)), None)
         if get is not None:
             get.argtypes, get.restype = [], ctypes.c_int
-        found = (set_local, get)
-        break
+        found.append((set_local, get))
     _BLAS.append(found)
     return found
 
 
 def blas_local_threads():
-    """OpenBLAS's openblas_set_num_threads_local(n) -> previous n, or None if NumPy's BLAS lacks it."""
-    return _find_blas()[0]
+    """openblas_set_num_threads_local(n) -> previous n of NumPy's OpenBLAS (the first found), or None."""
+    found = _find_blas()
+    return found[0][0] if found else None
+
+
+def _set_blas_threads(counts):
+    """Set each OpenBLAS found to its count (an int for all); -> the previous counts."""
+    found = _find_blas()
+    counts = [counts] * len(found) if isinstance(counts, int) else counts
+    return [set_local(n) for (set_local, _), n in zip(found, counts)]
 
 
 @contextlib.contextmanager
 def one_blas_thread():
     """Within the block, OpenBLAS uses one thread (where it can be told); the old count comes back after.
 
-    In NumPy's build the count is the whole process's, so the block must
-    cover everything that should run on one BLAS thread.
+    Every OpenBLAS found (NumPy's and SciPy's) is held. In NumPy's build the
+    count is the whole process's, so the block must cover everything that
+    should run on one BLAS thread.
     """
-    set_local = blas_local_threads()
-    previous = None if set_local is None else set_local(1)
+    previous = _set_blas_threads(1)
     try:
         yield
     finally:
-        if previous is not None:
-            set_local(previous)
+        _set_blas_threads(previous)
 
 
 def blas_threads():
-    """The number of threads OpenBLAS would use now (openblas_get_num_threads), or None if unknown."""
-    get = _find_blas()[1]
-    return None if get is None else int(get())
+    """The number of threads NumPy's OpenBLAS would use now (openblas_get_num_threads), or None if unknown."""
+    found = _find_blas()
+    return None if not found or found[0][1] is None else int(found[0][1]())
+
+
+def blas_thread_counts():
+    """The thread count of every OpenBLAS found (NumPy's first), None where it cannot be read."""
+    return [None if get is None else int(get()) for _, get in _find_blas()]
 
 
 def usable_cpus():
@@ -128,16 +144,16 @@ def resolve_threads(threads):
     return int(threads)
 
 
-def _worker(tasks, results, blas_local):
+def _worker(tasks, results):
     first = True
     while True:
         fn = tasks.get()
         if fn is None:
             return
-        if first and blas_local is not None:
+        if first:
             # Where the setting is per thread, this helper's own; where it is the process's,
             # run() has set it already, and this happens while it holds.
-            blas_local(1)
+            _set_blas_threads(1)
             first = False
         try:
             results.put((True, fn()))
@@ -153,10 +169,10 @@ class Workers:
 
     def __init__(self, n):
         self.n = n
-        blas_local = blas_local_threads()
+        _find_blas()  # before any helper thread looks
         self._queues = [(queue.SimpleQueue(), queue.SimpleQueue()) for _ in range(n - 1)]
         for tasks, results in self._queues:
-            threading.Thread(target=_worker, args=(tasks, results, blas_local), daemon=True).start()
+            threading.Thread(target=_worker, args=(tasks, results), daemon=True).start()
         self._finalizer = weakref.finalize(self, _stop, [tasks for tasks, _ in self._queues])
 
     def run(self, fns):

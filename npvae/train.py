@@ -322,6 +322,7 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
     makes new buffers and new helpers.
     """
     pool = {"capacity": 0, "rows kind": None}
+    update_ranges = optimizer.update_ranges(n)   # as the threads' (optimizer.step)
 
     def tasks(rows_buffer, eps_buffer, batch):
         def part(j, a, b, B, beta, key_high, key_low):  # prepare rows [a, b) and their forward and backward
@@ -333,7 +334,7 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
             return (weight_grads(batch, *grad_ranges[j], int(B)),)
 
         def update(j, t, lr):            # the optimizer's step t on range j
-            optimizer.step_range(model.grads, *grad_ranges[j], t, lr)
+            optimizer.step_range(model.grads, *update_ranges[j], t, lr)
             return ()
         return part, grads, update
 

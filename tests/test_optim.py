@@ -168,7 +168,7 @@ def test_state_dict_round_trip(make):
 def test_state_dict_holds_plain_arrays_named_by_parameter():
     params = {"enc.W": np.zeros((2, 2)), "enc.b": np.zeros(2)}
     state = Adam(params, lr=0.1).state_dict()
-    assert set(state) == {"t", "lr", "m/enc.W", "m/enc.b", "v/enc.W", "v/enc.b"}
+    assert set(state) == {"t", "lr", "m/enc.W", "m/enc.b", "v/enc.W", "v/enc.b", "m.scale", "v.scale"}
     assert all(isinstance(v, (np.ndarray, np.generic)) for v in state.values())
     buffer = io.BytesIO()
     np.savez(buffer, **state)
@@ -308,11 +308,98 @@ def test_float32_steps_make_no_float64_passes(make, float64_watch):
 
 def test_flat_and_per_array_grads_give_the_same_steps_in_any_order():
     # A step remembers the layout of the last grads it saw; other arrays must be looked at afresh.
-    models = [VAE(6, (5,), 3, dtype=np.float32, seed=0) for _ in range(2)]
+    # (Equal to rounding, not bit for bit: BLAS's axpy may round an element by a fused
+    # multiply-add or not, depending on where it falls in the array it is given.)
+    models = [VAE(6, (5,), 3, dtype=np.float64, seed=0) for _ in range(2)]
     opts = [Adam(m.params, lr=0.01) for m in models]
     x = np.random.default_rng(0).random((4, 6))
     for i in range(4):
         for m, opt, flat in zip(models, opts, (True, i % 2 == 0)):
             _, grads = m.loss_and_grads(x, rng=np.random.default_rng(i), copy=not flat)
             opt.step(grads)
-    np.testing.assert_array_equal(models[0].flat_params, models[1].flat_params)
+    np.testing.assert_allclose(models[0].flat_params, models[1].flat_params, rtol=1e-13, atol=1e-15)
+
+
+# --- Adam's scaled moments ------------------------------------------------------------------------
+
+def reference_adam(w, grads, lr, beta1, beta2, eps):
+    """Algorithm 1 of Kingma & Ba, line by line, in float64: -> (w, m, v) after the steps."""
+    w, m, v = w.copy(), np.zeros_like(w), np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+        w = w - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return w, m, v
+
+
+@pytest.mark.parametrize("beta1, beta2", [(0.9, 0.999), (0.5, 0.7), (0.0, 0.9), (0.3, 0.0)])
+@pytest.mark.parametrize("flat", [True, False])
+def test_adam_matches_algorithm_1_over_many_rescalings(beta1, beta2, flat):
+    # The moments are stored as m / beta1^(t mod R1) and v / beta2^(t mod R2) and
+    # rescaled every R steps (R1 = 21 for beta1 = 0.5, 39 for beta2 = 0.7, 1 for 0):
+    # 130 steps cross several rescalings, and the steps and moments must be Algorithm 1's.
+    rng = np.random.default_rng(5)
+    n = 37
+    grads = [rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 2, n) for _ in range(130)]
+    w0 = rng.standard_normal(n)
+    if flat:   # views that tile one buffer: the flat path (one update for all)
+        buffer = w0.copy()
+        params = {"a": buffer[:20], "b": buffer[20:].reshape(17, 1)}
+    else:
+        params = {"a": w0[:20].copy(), "b": w0[20:].reshape(17, 1).copy()}
+    opt = Adam(params, lr=0.01, beta1=beta1, beta2=beta2, eps=1e-8)
+    for g in grads:
+        opt.step({"a": g[:20], "b": g[20:].reshape(17, 1)})
+    w, m, v = reference_adam(w0, grads, 0.01, beta1, beta2, 1e-8)
+    got = np.concatenate([params["a"], params["b"].ravel()])
+    np.testing.assert_allclose(got, w, rtol=1e-11, atol=1e-14)
+    state = opt.state
+    np.testing.assert_allclose(np.concatenate([state["m"]["a"], state["m"]["b"].ravel()]), m, rtol=1e-11)
+    np.testing.assert_allclose(np.concatenate([state["v"]["a"], state["v"]["b"].ravel()]), v, rtol=1e-11)
+
+
+def test_adam_updates_arrays_that_are_not_contiguous():
+    # BLAS's axpy needs contiguous arrays; others take the NumPy path, still in place.
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((4, 6))
+    strided = {"w": base[:, ::2]}                  # a view with gaps: no flat layout, no BLAS
+    plain = {"w": base[:, ::2].copy()}
+    grads = [{"w": rng.standard_normal((4, 3))} for _ in range(30)]
+    for params in (strided, plain):
+        opt = Adam(params, lr=0.05, beta1=0.5)
+        for g in grads:
+            opt.step(g)
+    assert np.shares_memory(strided["w"], base)
+    np.testing.assert_allclose(strided["w"], plain["w"], rtol=1e-12)
+    np.testing.assert_allclose(base[:, ::2], plain["w"], rtol=1e-12)
+
+
+def test_adam_state_loads_from_the_moments_themselves_or_scaled():
+    rng = np.random.default_rng(7)
+    grads = [{"w": rng.standard_normal(5)} for _ in range(30)]
+    a = Adam(one_param(np.zeros(5)), lr=0.01, beta1=0.5)
+    for g in grads[:25]:   # t = 25: past one rescaling (R1 = 21), mid-period
+        a.step(g)
+    saved = a.state_dict()
+    assert saved["m.scale"] == 0.5 ** 4 and saved["v.scale"] == 0.999 ** 25
+    # The moments themselves, as an optimizer without scaled state would save them (no '.scale' keys).
+    plain = {k: v for k, v in saved.items() if not k.endswith(".scale")}
+    plain["m/w"], plain["v/w"] = a.state["m"]["w"], a.state["v"]["w"]
+    exact, from_plain = Adam(one_param(a.params["w"]), lr=0.01, beta1=0.5), Adam(one_param(a.params["w"]), lr=0.01, beta1=0.5)
+    exact.load_state_dict(saved)
+    from_plain.load_state_dict(plain)
+    for g in grads[25:]:
+        for opt in (a, exact, from_plain):
+            opt.step(g)
+    np.testing.assert_array_equal(exact.params["w"], a.params["w"])       # bit for bit
+    np.testing.assert_allclose(from_plain.params["w"], a.params["w"], rtol=1e-13)
+    with pytest.raises(ValueError, match=r"m\.scale"):
+        Adam(one_param(np.zeros(5))).load_state_dict(dict(saved, **{"m.scale": np.float64(0.0)}))
+
+
+def test_adam_betas_are_fixed():
+    opt = Adam(one_param([1.0]), beta1=0.8)
+    assert opt.beta1 == 0.8 and opt.beta2 == 0.999
+    with pytest.raises(AttributeError):
+        opt.beta1 = 0.5    # the stored moments are scaled by powers of beta1

@@ -96,6 +96,17 @@ def test_workers_really_run_at_the_same_time():
     assert w.run([barrier.wait, barrier.wait]) is not None
 
 
+def test_scipys_blas_is_held_to_one_thread_with_numpys():
+    # Adam's axpy runs in SciPy's own OpenBLAS, with its own pool: a step on two cores must
+    # hold it to one thread as well, or each process's axpy would take both cores.
+    counts = parallel.blas_thread_counts()
+    if len(counts) < 2 or None in counts:
+        pytest.skip("SciPy's BLAS is not a second OpenBLAS whose threads can be read here")
+    with parallel.one_blas_thread():
+        assert parallel.blas_thread_counts() == [1] * len(counts)
+    assert parallel.blas_thread_counts() == counts
+
+
 def test_blas_runs_on_one_thread_inside_run_and_on_its_old_count_after():
     # In NumPy's pthreads OpenBLAS the "local" setting is the process's: a helper thread that
     # sets it, or a restore that comes before the helpers finish, changes the other threads'
