@@ -355,7 +355,7 @@ class Adam(Optimizer):
         # Python floats, not NumPy float64 scalars: a float64 scalar would make
         # NumPy run a float32 array's pass in float64, casting every element
         # there and back (twice as slow; see the dtype test in test_optim.py).
-        # Seven passes: two of them only once every R steps, when a decay is not 1.
+        # Seven passes, and one more for a moment whose decay is not 1 (once every R steps).
         if self._decay[0] != 1.0:
             m *= self._decay[0]
         _add_scaled(m, self._rates[0], g)
