@@ -23,9 +23,10 @@ what lets the threads overlap. While the threads run, OpenBLAS is asked for one
 BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
 threads do not also start BLAS's pool; without that control `threads="auto"`
 stays on one thread. SciPy's BLAS (scipy.linalg.blas, whose axpy Adam uses)
-is an OpenBLAS of its own, with its own pool, and is held to one thread too. In NumPy's pthreads build of OpenBLAS that setting is
-not per thread but the process's, so Workers.run sets it before handing out
-work and puts the old count back only when every thread has finished.
+is an OpenBLAS of its own, with its own pool, and is held to one thread too.
+In NumPy's pthreads build of OpenBLAS that setting is not per thread but the
+process's, so Workers.run sets it before handing out work and puts the old
+count back only when every thread has finished.
 
 Threads share one interpreter lock (the GIL). Each thread takes it back
 after every NumPy call, so two threads that each make a few hundred small
