@@ -271,7 +271,8 @@ def _axpy_of(dtype):
     if dtype not in (np.float32, np.float64):
         return None
     if dtype not in _AXPY:
-        from scipy.linalg import blas   # SciPy's BLAS: ~0.3 s to import, so only once an Adam is made
+        from scipy.linalg import blas   # ~0.3 s to import: only at a first step (parallel._find_blas
+        # loads it too, before helpers fork, to hold its threads)
         _AXPY[dtype] = blas.get_blas_funcs("axpy", dtype=dtype)
     return _AXPY[dtype]
 
@@ -293,7 +294,7 @@ def _scale_period(beta):
     """How many steps a moment may go unrescaled: R with beta^(R - 1) >= 2^-20 (at most 1024; 1 for beta = 0)."""
     if beta == 0.0:
         return 1
-    return max(1, min(1024, 1 + int(math.floor(math.log(2.0 ** -20) / math.log(beta)))))
+    return min(1024, 1 + math.floor(math.log(2.0 ** -20) / math.log(beta)))
 
 
 class Adam(Optimizer):
@@ -324,8 +325,6 @@ class Adam(Optimizer):
         self.eps = _check_rate("eps", eps, 0.0, np.inf)
         self._periods = (_scale_period(self._beta1), _scale_period(self._beta2))
         super().__init__(params, lr)
-        for p in params.values():
-            _axpy_of(p.dtype)   # import SciPy's BLAS now, before any helper process is forked
 
     # the stored moments are scaled by powers of the betas, so the betas cannot change
     beta1 = property(lambda self: self._beta1, doc="beta1 (fixed at construction)")

@@ -119,8 +119,8 @@ def one_blas_thread():
 
 def blas_threads():
     """The number of threads NumPy's OpenBLAS would use now (openblas_get_num_threads), or None if unknown."""
-    found = _find_blas()
-    return None if not found or found[0][1] is None else int(found[0][1]())
+    counts = blas_thread_counts()
+    return counts[0] if counts else None
 
 
 def blas_thread_counts():
