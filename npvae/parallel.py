@@ -33,7 +33,10 @@ after every NumPy call, so two threads that each make a few hundred small
 calls per step keep waiting for each other, and every wait puts a thread to
 sleep. Processes has no such lock to share: it forks helper processes that
 see the model's buffers in shared memory (shared_zeros) and hands them work
-through a few words of that memory, which they poll (Processes below).
+through a few words of that memory, which they poll (Processes below). A
+step on processes is one task, the three phases above with a barrier
+between each two (allgather), where the processes swap the figures the next
+phase needs: one hand-off a step instead of three.
 """
 import contextlib
 import ctypes
@@ -102,19 +105,28 @@ def _set_blas_threads(counts):
     return [set_local(n) for (set_local, _), n in zip(found, counts)]
 
 
+_held = threading.local()   # .depth: how many one_blas_thread blocks this thread is in
+
+
 @contextlib.contextmanager
 def one_blas_thread():
     """Within the block, OpenBLAS uses one thread (where it can be told); the old count comes back after.
 
     Every OpenBLAS found (NumPy's and SciPy's) is held. In NumPy's build the
     count is the whole process's, so the block must cover everything that
-    should run on one BLAS thread.
+    should run on one BLAS thread. A block inside another costs nothing: the
+    outer one holds the count already (a training epoch holds it once for
+    all its steps, see make_step's step.session).
     """
-    previous = _set_blas_threads(1)
+    depth = getattr(_held, "depth", 0)
+    previous = _set_blas_threads(1) if depth == 0 else None
+    _held.depth = depth + 1
     try:
         yield
     finally:
-        _set_blas_threads(previous)
+        _held.depth = depth
+        if previous is not None:
+            _set_blas_threads(previous)
 
 
 def blas_threads():
@@ -283,13 +295,21 @@ def resolve_backend(backend, threads=None):
 # The words of a helper's control row: the main process writes SEQ (after TASK,
 # NARGS and the arguments); the helper writes DONE = SEQ when it has finished
 # (after STATUS and the results). The two halves sit on different cache lines.
-SEQ, TASK, NARGS, DONE, STATUS, NOUT = 0, 1, 2, 8, 9, 10
+# ARRIVED (in every row, row 0 the main process's) counts the barriers a
+# process has reached (Processes.allgather); FAILED (row 0 only) is the SEQ of
+# a task in which some process failed, so that the others stop waiting.
+SEQ, TASK, NARGS, FAILED, DONE, STATUS, NOUT, ARRIVED = 0, 1, 2, 3, 8, 9, 10, 11
 _ROW = 16
 STOP = -1
+_BARRIERS = 64   # the most allgather calls one task may make
 
 
 class HelperError(RuntimeError):
     """A helper process ended or failed in a way that cannot be handed back as its own exception."""
+
+
+class _Abandoned(HelperError):
+    """Raised in a process waiting at a barrier that another process, having failed, will not reach."""
 
 
 class Processes:
@@ -300,6 +320,11 @@ class Processes:
     numbers (passed as float64, so integers below 2^53 are exact). Tasks
     work on arrays from shared_zeros that existed when the helpers were
     forked: everything else a helper sees is its own copy, as of the fork.
+
+    Within a task, the processes can meet at a barrier and swap a few
+    numbers (allgather), so that one task may hold several phases that each
+    need the others' results (a training step's loss, then its gradient's
+    norm), without handing work back and forth in between.
 
     A helper polls its control row for work (no system call, so no sleep and
     no wake-up on the way in); after spin_seconds without work it polls once
@@ -318,11 +343,15 @@ class Processes:
         self._ctl = shared_zeros(n * _ROW, np.int64).reshape(n, _ROW)
         self._args = shared_zeros(n * 8, np.float64).reshape(n, 8)
         self._out = shared_zeros(n * 8, np.float64).reshape(n, 8)
+        # allgather's numbers, two slots (by the barrier's parity): a process that has
+        # passed one barrier may write the next one's before the others have read this one's
+        self._shared = shared_zeros(2 * n * 8, np.float64).reshape(2, n, 8)
+        self._seq = 0   # the task this process is running (each process its own copy)
         self._pids, self._errors = [], []
         # A helper keeps to one BLAS thread, as the count stands at the fork:
         # OpenBLAS's thread controls can hang in a forked child, whose copy of
         # the library believes in a pool of threads the fork did not copy.
-        parent = os.getpid()
+        self._parent = parent = os.getpid()
         with one_blas_thread():
             for j in range(1, n):
                 read_end, write_end = os.pipe()
@@ -340,27 +369,83 @@ class Processes:
                 self._errors.append(read_end)
         self._finalizer = weakref.finalize(self, _reap, parent, self._ctl, list(self._pids), list(self._errors))
 
-    def run(self, task, args):
-        """[tasks[task](j, *args[j]) for j in range(n)], computed at once; re-raises the first error."""
+    def run(self, task, args, before=None):
+        """[tasks[task](j, *args[j]) for j in range(n)], computed at once; re-raises the first error.
+
+        before: called here once the helpers have their tasks and before
+        this process's own (work this process's task needs, which the
+        helpers' do not, can overlap with theirs).
+        """
         if len(args) != self.n:
             raise ValueError(f"run needs {self.n} argument tuples, got {len(args)}")
         if not self._finalizer.alive:
             raise HelperError("the helper processes have been closed")
         ctl = self._ctl
+        self._seq = seq = int(ctl[0, SEQ]) + 1
+        ctl[0, SEQ], ctl[0, ARRIVED] = seq, seq * _BARRIERS
         for j in range(1, self.n):
             a = args[j]
             self._args[j, :len(a)] = a
             ctl[j, TASK], ctl[j, NARGS] = task, len(a)
-            ctl[j, SEQ] += 1    # last: the helper starts when it sees this
+            ctl[j, SEQ] = seq    # last: the helper starts when it sees this
+        _running[0] = self
         try:
+            if before is not None:
+                before()
             first = (True, self.tasks[task](0, *args[0]))
         except BaseException as e:
+            ctl[0, FAILED] = seq   # helpers waiting at a barrier for this process stop
             first = (False, e)
+        finally:
+            _running[0] = None
+        if not self._finalizer.alive:   # closed during the task (a helper died while this one waited)
+            raise first[1] if not first[0] else HelperError("the helper processes were closed during a task")
         out = [first] + [self._result(j) for j in range(1, self.n)]
-        for ok, value in out:
-            if not ok:
+        # the first error that is not only a consequence of another process's
+        failed = [value for ok, value in out if not ok]
+        for value in failed:
+            if not isinstance(value, _Abandoned):
                 raise value
+        if failed:
+            raise failed[0]
         return [value for _, value in out]
+
+    def allgather(self, j, values):
+        """Process j, inside a task: give at most 8 numbers and wait for every process's;
+        -> [values of process 0, ..., of process n - 1], the same list in every process.
+
+        Each of the n processes must make the same allgather calls, in the
+        same order, in every task that makes any (a task reaches this method
+        as npvae.parallel.allgather). If a process fails before its call,
+        the others raise instead of waiting for ever.
+        """
+        ctl, seq = self._ctl, self._seq
+        arrived = int(ctl[j, ARRIVED]) + 1
+        if arrived >= (seq + 1) * _BARRIERS:
+            raise RuntimeError(f"a task may call allgather at most {_BARRIERS - 1} times")
+        slot = self._shared[arrived % 2]
+        slot[j, :len(values)] = values
+        ctl[j, ARRIVED] = arrived   # last: the others read this process's numbers when they see it
+        spins = 0
+        for i in range(self.n):
+            while ctl[i, ARRIVED] < arrived:
+                spins += 1
+                if spins % 1000 == 0:
+                    self._check_waiting(j, i, arrived, spins)
+        return [tuple(float(v) for v in slot[i, :len(values)]) for i in range(self.n)]
+
+    def _check_waiting(self, j, i, arrived, spins):
+        """Process j, waiting at a barrier for process i: raise if i will not come."""
+        ctl, seq = self._ctl, self._seq
+        # i failed, or finished its task without this barrier (it writes ARRIVED before DONE)
+        gone = ctl[0, FAILED] == seq or (i > 0 and ctl[i, DONE] == seq)
+        if gone and ctl[i, ARRIVED] < arrived:
+            raise _Abandoned(f"process {i} failed or finished its task without reaching the barrier")
+        if spins % 20000 == 0:
+            if j == 0 and i > 0:
+                self._check_alive(i)
+            elif j > 0 and (os.getppid() != self._parent or ctl[j, SEQ] != seq):
+                raise _Abandoned("the main process has gone, or stopped the helpers")
 
     def _result(self, j):
         """Wait for helper j's task: (True, result tuple) or (False, its exception)."""
@@ -386,6 +471,15 @@ class Processes:
         self._finalizer()
 
 
+_running = [None]   # the Processes whose task this process is running now
+
+
+def allgather(j, values):
+    """Inside a task of Processes: its allgather(j, values), which see. Outside one: [values]."""
+    pool = _running[0]
+    return [tuple(float(v) for v in values)] if pool is None else pool.allgather(j, values)
+
+
 def _serve(j, pool, error_fd, parent):
     """A helper's loop: poll row j for a task, run it, write its result; exit on STOP or orphaning."""
     code = 0
@@ -408,11 +502,13 @@ def _serve(j, pool, error_fd, parent):
             last, task = seq, int(ctl[j, TASK])
             if task == STOP:
                 break
+            pool._seq, ctl[j, ARRIVED], _running[0] = seq, seq * _BARRIERS, pool
             try:
                 result = tuple(tasks[task](j, *args[j, :ctl[j, NARGS]]))
                 out[j, :len(result)] = result
                 ctl[j, NOUT], ctl[j, STATUS] = len(result), 0
             except BaseException as e:
+                ctl[0, FAILED] = seq   # the others stop waiting for this process at a barrier
                 _write_error(error_fd, e)
                 ctl[j, STATUS] = 1
             ctl[j, DONE] = seq   # last: the main process reads the result when it sees this

@@ -7,6 +7,7 @@ generators seeded by config.seed, and the training generator's state is saved
 in every checkpoint, so a resumed run ends bit for bit where an uninterrupted
 one would.
 """
+import contextlib
 import dataclasses
 import functools
 import math
@@ -212,10 +213,19 @@ def make_prepare(binarize, threshold, likelihood, kind, dtype):
     return Prepare(binarize, threshold, likelihood, kind, dtype)
 
 
+def _as_index(index):
+    index = np.asarray(index)
+    if index.ndim != 1 or index.dtype.kind not in "iu":
+        raise TypeError(f"index must be a 1-D array of integers, got {index.dtype} of shape {index.shape}")
+    return index
+
+
 def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
-    """A function (stored rows, beta, rng) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
+    """A function step(x, beta, rng, index=None) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
 
     One optimizer step on one minibatch: the whole hot path of training.
+    The minibatch is the stored rows x, or with index the rows x[index] of
+    the whole set x (so that each process can gather its own share).
     prepare (a Prepare) makes the model's input from the stored rows.
     threads > 1 (or "auto") splits the minibatch over that many threads
     (npvae.parallel): the same step to float rounding, on several cores.
@@ -223,6 +233,10 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
     needs a VAE(shared=True) and an optimizer over its params; "auto" takes
     processes where that holds and npvae.parallel.processes_available(),
     threads otherwise.
+
+    step.session() is a context for many steps in a row (a training epoch):
+    a split step keeps OpenBLAS to one thread per core, and the session
+    sets that once instead of at every step.
     """
     Z = model.z_dim
     n = parallel.resolve_threads(threads)
@@ -287,15 +301,21 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         return finish(sums, g2, lambda: optimizer.step(model.grads))
 
     if n == 1:
-        return serial_step
+        def step(x, beta, rng, index=None):
+            return serial_step(x if index is None else x[_as_index(index)], beta, rng)
+        step.session = contextlib.nullcontext   # BLAS keeps its own threads
+        return step
     if use == "processes":
-        return _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
+        step = _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
                              forward_backward, weight_grads, split_batch, serial_step, finish)
+        step.session = parallel.one_blas_thread
+        return step
 
     workers = parallel.Workers(n)
     held = {"batch": None}
 
-    def step(rows, beta, rng):
+    def step(x, beta, rng, index=None):
+        rows = x if index is None else x[_as_index(index)]
         B = rows.shape[0]
         if B < n:
             return serial_step(rows, beta, rng)
@@ -309,61 +329,78 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
         g2 = sum(workers.run([functools.partial(weight_grads, batch, a, b, B) for a, b in grad_ranges]))
         return finish(sums, g2, lambda: optimizer.step(model.grads, workers))
+    step.session = parallel.one_blas_thread
     return step
 
 
 def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
                   forward_backward, weight_grads, split_batch, serial_step, finish):
-    """make_step's step on n processes (npvae.parallel.Processes); the same three phases as threads.
+    """make_step's step on n processes (npvae.parallel.Processes): the threads' three phases in one task.
 
-    The stored rows, the noise and the SplitBatch live in shared memory,
-    which the helpers, forked on the first step, read their rows from and
-    write to; a larger batch than any before (or rows of another kind)
-    makes new buffers and new helpers.
+    Each process prepares its rows and runs their forward and backward,
+    computes its range of the weight gradients, and updates its range of the
+    parameters, in one task. Between the phases the processes meet at a
+    barrier (parallel.allgather) and swap the figures the next phase needs:
+    the parts' loss sums, then the ranges' squared gradient norms, which
+    every process adds up in the threads' order, so that all make the same
+    decision to update or skip the step.
+
+    Helper j takes the j-th block of rows and this process the last, so
+    that it can gather the helpers' rows and draw their noise, start them,
+    and only then do the same for its own rows (rng's draws keep the order
+    of a serial step). The rows, the noise and the SplitBatch live in shared
+    memory, made with the helpers on the first step; a larger batch than any
+    before (or rows of another kind) makes new buffers and new helpers.
     """
     pool = {"capacity": 0, "rows kind": None}
     update_ranges = optimizer.update_ranges(n)   # as the threads' (optimizer.step)
 
-    def tasks(rows_buffer, eps_buffer, batch):
-        def part(j, a, b, B, beta, key_high, key_low):  # prepare rows [a, b) and their forward and backward
-            a, b = int(a), int(b)
-            return forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
-                                    eps_buffer[a:b], int(B), beta, batch)
+    def task(rows_buffer, eps_buffer, batch):
+        def whole_step(j, a, b, B, beta, key_high, key_low, t, lr):
+            a, b, B = int(a), int(b), int(B)
+            part = forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
+                                    eps_buffer[a:b], B, beta, batch)
+            parts = parallel.allgather(j, part)
+            parts = parts[1:] + parts[:1]   # in the order of the rows: process 0 has the last block
+            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            g2 = sum(p[0] for p in parallel.allgather(j, (weight_grads(batch, *grad_ranges[j], B),)))
+            return finish(sums, g2, lambda: optimizer.step_range(model.grads, *update_ranges[j], t, lr))
+        return whole_step
 
-        def grads(j, B):                 # the weight gradients on range j, and their squared norm
-            return (weight_grads(batch, *grad_ranges[j], int(B)),)
-
-        def update(j, t, lr):            # the optimizer's step t on range j
-            optimizer.step_range(model.grads, *update_ranges[j], t, lr)
-            return ()
-        return part, grads, update
-
-    def helpers(rows):
-        B, kind = rows.shape[0], (rows.dtype, rows.shape[1:])
+    def helpers(B, kind):
         if B > pool["capacity"] or kind != pool["rows kind"]:
             if "processes" in pool:
                 pool["processes"].close()
-            pool["rows"] = parallel.shared_zeros(rows.size, rows.dtype).reshape(rows.shape)
+            pool["rows"] = parallel.shared_zeros(B * math.prod(kind[1]), kind[0]).reshape((B,) + kind[1])
             pool["eps"] = parallel.shared_zeros(math.prod(eps_shape(B)), model.dtype).reshape(eps_shape(B))
             pool["batch"] = split_batch(B, shared=True)
-            pool["processes"] = parallel.Processes(n, tasks(pool["rows"], pool["eps"], pool["batch"]))
+            pool["processes"] = parallel.Processes(n, [task(pool["rows"], pool["eps"], pool["batch"])])
             pool["capacity"], pool["rows kind"] = B, kind
         return pool["processes"]
 
-    def step(rows, beta, rng):
-        B = rows.shape[0]
+    def step(x, beta, rng, index=None):
+        index = None if index is None else _as_index(index)
+        B = x.shape[0] if index is None else index.shape[0]
         if B < n:
-            return serial_step(rows, beta, rng)
-        processes = helpers(rows)
-        np.copyto(pool["rows"][:B], rows)
+            return serial_step(x if index is None else x[index], beta, rng)
+        processes = helpers(B, (x.dtype, x.shape[1:]))
+        rows, eps = pool["rows"], pool["eps"]
+        cuts = parallel.split(B, n)
+        own = cuts[-2]   # this process's rows are [own, B)
+
+        def fill(a, b):  # the stored rows [a, b) of the minibatch
+            rows[a:b] = x[a:b] if index is None else x[index[a:b]]
+        fill(0, own)
         noise = prepare.noise(rng)
-        rng.standard_normal(out=pool["eps"][:B], dtype=model.dtype)
+        rng.standard_normal(out=eps[:own], dtype=model.dtype)
+
+        def own_rows():  # once the helpers have started: the rest of the rows and of the noise
+            fill(own, B)
+            rng.standard_normal(out=eps[own:B], dtype=model.dtype)
+        t, lr = optimizer.t + 1, optimizer.lr
         with parallel.one_blas_thread():   # each process keeps to one core
-            parts = processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF)
-                                      for a, b in parallel.ranges(B, n)])
-            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            g2 = sum(p[0] for p in processes.run(1, [(B,)] * n))
-            return finish(sums, g2, lambda: processes.run(2, [(optimizer.t + 1, optimizer.lr)] * n))
+            return processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF, t, lr)
+                                     for a, b in [(own, B)] + list(zip(cuts, cuts[1:-1]))], own_rows)[0]
     return step
 
 
@@ -562,21 +599,22 @@ class Trainer:
         progress = Progress(n, self.epoch, c.epochs, quiet=self.quiet)
         start = time.perf_counter()
         done_before = min(self.step * c.batch_size, n)
-        while self.step < steps:
-            if self._interrupted:
-                progress.close()
-                return False
-            idx = self.perm[self.step * c.batch_size:(self.step + 1) * c.batch_size]
-            beta = kl_weight(c, self.epoch, self.step, steps)
-            rec, kl, g2 = self._step(self.x_train[idx], beta, self.rng)
-            if not (math.isfinite(rec) and math.isfinite(kl) and math.isfinite(g2)):
-                progress.close()
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if math.isfinite(g2) else 'gradient'} in epoch {self.epoch + 1}, "
-                    f"step {self.step + 1}; the last good checkpoint is {self.out / ckpt.LATEST}")
-            self.sums += rec, kl, len(idx)
-            self.step += 1
-            progress.update(len(idx), (self.sums[0] - self.sums[1]) / self.sums[2])
+        with self._step.session():
+            while self.step < steps:
+                if self._interrupted:
+                    progress.close()
+                    return False
+                idx = self.perm[self.step * c.batch_size:(self.step + 1) * c.batch_size]
+                beta = kl_weight(c, self.epoch, self.step, steps)
+                rec, kl, g2 = self._step(self.x_train, beta, self.rng, index=idx)
+                if not (math.isfinite(rec) and math.isfinite(kl) and math.isfinite(g2)):
+                    progress.close()
+                    raise TrainingDiverged(
+                        f"non-finite {'loss' if math.isfinite(g2) else 'gradient'} in epoch {self.epoch + 1}, "
+                        f"step {self.step + 1}; the last good checkpoint is {self.out / ckpt.LATEST}")
+                self.sums += rec, kl, len(idx)
+                self.step += 1
+                progress.update(len(idx), (self.sums[0] - self.sums[1]) / self.sums[2])
         progress.close()
         seconds = time.perf_counter() - start
         self._end_epoch(seconds, (n - done_before) / max(seconds, 1e-9), kl_weight(c, self.epoch, steps, steps))

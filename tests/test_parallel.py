@@ -459,6 +459,106 @@ def test_closing_the_pool_ends_the_helper_processes():
             os.waitpid(pid, os.WNOHANG)   # reaped: no longer our child
 
 
+def test_nested_one_blas_thread_blocks_hold_one_thread_until_the_outer_one_ends():
+    if parallel.blas_local_threads() is None or parallel.blas_threads() is None:
+        pytest.skip("OpenBLAS's per-thread control is not available")
+    before = parallel.blas_thread_counts()
+    with parallel.one_blas_thread():
+        with parallel.one_blas_thread():
+            assert parallel.blas_thread_counts() == [1] * len(before)
+        assert parallel.blas_thread_counts() == [1] * len(before)   # the inner block gives nothing back
+    assert parallel.blas_thread_counts() == before
+
+
+@needs_processes
+def test_allgather_swaps_every_processes_numbers_at_each_barrier_in_every_task():
+    def swap_twice(j, x):
+        first = parallel.allgather(j, (x, 10 * j))
+        second = parallel.allgather(j, (sum(v[0] for v in first) + j,))
+        return tuple(v[0] for v in first) + (sum(v[1] for v in first),) + tuple(v[0] for v in second)
+    pool = parallel.Processes(3, [swap_twice])
+    for x in (1.0, 2.5, -4.0):   # again and again: the barriers' counts start afresh in each task
+        xs = (x, x + 1, x + 2)
+        total = sum(xs)
+        expected = xs + (30.0,) + (total, total + 1, total + 2)
+        assert pool.run(0, [(v,) for v in xs]) == [expected] * 3   # the same in every process
+    pool.close()
+    assert parallel.allgather(0, (3, 4)) == [(3.0, 4.0)]   # outside a task: a world of one
+
+
+@needs_processes
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_a_process_that_fails_before_a_barrier_does_not_leave_the_others_waiting(failing):
+    def fail_before_the_barrier(j, fail):
+        if fail and j == failing:
+            raise KeyError(f"from process {j}")
+        parallel.allgather(j, (j,))
+        return (float(j),)
+    pool = parallel.Processes(3, [fail_before_the_barrier])
+    with pytest.raises(KeyError, match=f"from process {failing}"):   # its own error, not a waiter's
+        pool.run(0, [(1,)] * 3)
+    assert pool.run(0, [(0,)] * 3) == [(0.0,), (1.0,), (2.0,)]   # and the pool works on
+    pool.close()
+
+
+@needs_processes
+def test_a_helper_that_dies_before_a_barrier_is_reported():
+    def die_before_the_barrier(j):
+        if j == 1:
+            os._exit(3)
+        parallel.allgather(j, (j,))
+        return ()
+    pool = parallel.Processes(2, [die_before_the_barrier])
+    with pytest.raises(parallel.HelperError, match="ended during a task"):
+        pool.run(0, [(), ()])
+
+
+@needs_processes
+def test_run_calls_before_here_once_the_helpers_have_started():
+    seen = parallel.shared_zeros(2, np.float64)
+
+    def wait_for_before(j):
+        if j == 1:   # the helper has started before `before` ends: it sees the first mark only
+            while seen[0] == 0:
+                pass
+            return (float(seen[1]),)
+        return (float(seen[1]),)
+
+    def before():
+        seen[0] = 1.0
+        time.sleep(0.05)
+        seen[1] = 2.0
+    pool = parallel.Processes(2, [wait_for_before])
+    assert pool.run(0, [(), ()], before) == [(2.0,), (0.0,)]
+    seen[:] = 0
+    with pytest.raises(ZeroDivisionError):
+        pool.run(0, [(), ()], lambda: (seen.__setitem__(0, 1.0), 1 / 0))
+    pool.close()
+
+
+@pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
+                                              pytest.param(2, "processes", marks=needs_processes),
+                                              pytest.param(3, "processes", marks=needs_processes)])
+def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
+    """step(x, ..., index=i) gathers x[i] itself (each process its own share): bit for bit step(x[i], ...)."""
+    x, index = grey_rows(40), np.array([5, 17, 3, 3, 39, 0, 22, 8, 11, 30, 2])
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
+    out = []
+    for given_index in (False, True):
+        m = small_vae(shared=True)
+        opt = Adam(m.params, lr=0.05)
+        step = make_step(m, opt, prepare, threads=threads, backend=backend)
+        rng = np.random.default_rng(7)
+        with step.session():
+            sums = [step(x, 1.0, rng, index=index) if given_index else step(x[index], 1.0, rng)
+                    for _ in range(3)]
+        out.append((sums, m.flat_params.copy(), rng.random()))
+    assert out[0][0] == out[1][0] and out[0][2] == out[1][2]
+    assert np.array_equal(out[0][1], out[1][1])
+    with pytest.raises(TypeError, match="index must be a 1-D array of integers"):
+        step(x, 1.0, rng, index=np.array([0.5, 1.5]))
+
+
 @needs_processes
 @pytest.mark.parametrize("binarize, make_rows", PREPARED)
 @pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 4)])

@@ -136,12 +136,13 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
     original = t._step   # (on threads or helper processes, whichever the machine takes)
     calls = []
 
-    def step_then_interrupt(*args):
-        sums = original(*args)
+    def step_then_interrupt(*args, **kwargs):
+        sums = original(*args, **kwargs)
         calls.append(1)
         if len(calls) == 17:   # in the middle of the second epoch (12 steps per epoch)
             t._on_sigint(signal.SIGINT, None)
         return sums
+    step_then_interrupt.session = original.session
     t._step = step_then_interrupt
     assert t.run() == "interrupted"
     state = ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")
