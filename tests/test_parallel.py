@@ -517,22 +517,22 @@ def test_a_helper_that_dies_before_a_barrier_is_reported():
 def test_run_calls_before_here_once_the_helpers_have_started():
     seen = parallel.shared_zeros(2, np.float64)
 
-    def wait_for_before(j):
-        if j == 1:   # the helper has started before `before` ends: it sees the first mark only
-            while seen[0] == 0:
-                pass
-            return (float(seen[1]),)
-        return (float(seen[1]),)
+    def mark_or_report(j):
+        if j == 1:
+            seen[0] = 1.0          # the helper has started
+            return ()
+        return (float(seen[1]),)   # this process's task runs after `before`
 
-    def before():
-        seen[0] = 1.0
-        time.sleep(0.05)
-        seen[1] = 2.0
-    pool = parallel.Processes(2, [wait_for_before])
-    assert pool.run(0, [(), ()], before) == [(2.0,), (0.0,)]
-    seen[:] = 0
+    def before():   # waits (at most 10 s) for the helper, which must have started without it
+        deadline = time.monotonic() + 10.0
+        while seen[0] == 0 and time.monotonic() < deadline:
+            pass
+        seen[1] = 2.0 if seen[0] == 1.0 else -1.0
+    pool = parallel.Processes(2, [mark_or_report])
+    assert pool.run(0, [(), ()], before) == [(2.0,), ()]
     with pytest.raises(ZeroDivisionError):
-        pool.run(0, [(), ()], lambda: (seen.__setitem__(0, 1.0), 1 / 0))
+        pool.run(0, [(), ()], lambda: 1 / 0)
+    assert pool.run(0, [(), ()]) == [(2.0,), ()]   # and the pool works on
     pool.close()
 
 
