@@ -301,7 +301,7 @@ def resolve_backend(backend, threads=None):
 SEQ, TASK, NARGS, FAILED, DONE, STATUS, NOUT, ARRIVED = 0, 1, 2, 3, 8, 9, 10, 11
 _ROW = 16
 STOP = -1
-_BARRIERS = 64   # the most allgather calls one task may make
+_BARRIERS = 64   # one more than the allgather calls a task may make (the counts of task s start at 64 s)
 
 
 class HelperError(RuntimeError):
