@@ -457,7 +457,8 @@ class VAE:
             return
         k = batch.k
         for name, layer in self._layers.items():
-            rows = slice(first * k, stop * k) if name.startswith("dec.") else slice(first, stop)
+            r = _rows_per_example(name, k)
+            rows = slice(first * r, stop * r)
             layer.out = batch.inputs[name][rows] if name in batch.inputs else None
             layer.da_out = batch.da[name][rows]
         self._rows = batch.inputs["x"][first:stop], batch.inputs["z"][first * k:stop * k]
@@ -500,7 +501,7 @@ class SplitBatch:
         self.reads = model.layer_inputs()
 
         def rows(name):
-            return self.capacity * self.k if name == "z" or name.startswith("dec.") else self.capacity
+            return self.capacity * _rows_per_example(name, self.k)
 
         def zeros(name, width):
             return aligned_zeros(rows(name) * width, model.dtype, shared=shared).reshape(rows(name), width)
@@ -518,11 +519,17 @@ class SplitBatch:
             raise ValueError(f"B must be in [1, {self.capacity}], got {B}")
         model = self.model
         for name, layer in model._layers.items():
-            n = B * self.k if name.startswith("dec.") else B
+            n = B * _rows_per_example(name, self.k)
             rows = _piece(model._views[name + ".W"], start, stop)
             cols = _piece(model._views[name + ".b"], start, stop)
             if rows.stop > rows.start or cols.stop > cols.start:
                 layer.weight_grads(self.inputs[self.reads[name]][:n], self.da[name][:n], rows, cols)
+
+
+def _rows_per_example(name, k):
+    """How many rows an example has in layer (or input) `name` of a SplitBatch: k in z and the
+    decoder, which see k samples per example (the IWAE bound), 1 in x and the encoder."""
+    return k if name == "z" or name.startswith("dec.") else 1
 
 
 def _piece(view, start, stop):

@@ -220,6 +220,11 @@ def _as_index(index):
     return index
 
 
+def _minibatch(x, index):
+    """The stored rows of a minibatch: x itself, or x[index] (index checked)."""
+    return x if index is None else x[_as_index(index)]
+
+
 def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
     """A function step(x, beta, rng, index=None) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
 
@@ -302,7 +307,7 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
 
     if n == 1:
         def step(x, beta, rng, index=None):
-            return serial_step(x if index is None else x[_as_index(index)], beta, rng)
+            return serial_step(_minibatch(x, index), beta, rng)
         step.session = contextlib.nullcontext   # BLAS keeps its own threads
         return step
     if use == "processes":
@@ -315,7 +320,7 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
     held = {"batch": None}
 
     def step(x, beta, rng, index=None):
-        rows = x if index is None else x[_as_index(index)]
+        rows = _minibatch(x, index)
         B = rows.shape[0]
         if B < n:
             return serial_step(rows, beta, rng)
@@ -382,7 +387,7 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
         index = None if index is None else _as_index(index)
         B = x.shape[0] if index is None else index.shape[0]
         if B < n:
-            return serial_step(x if index is None else x[index], beta, rng)
+            return serial_step(_minibatch(x, index), beta, rng)
         processes = helpers(B, (x.dtype, x.shape[1:]))
         rows, eps = pool["rows"], pool["eps"]
         cuts = parallel.split(B, n)
