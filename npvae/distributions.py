@@ -55,39 +55,47 @@ def _expand(d, like):
 
 # --- reparameterization -------------------------------------------------------
 
-def reparameterize(mu, log_sigma, eps):
+# The functions below take sigma = std(log_sigma) and in_range = _in_range(log_sigma)
+# as optional arguments: a model that calls several of them on one q(z|x)
+# computes each once (VAE.forward, VAE.backward) instead of once per call.
+
+def reparameterize(mu, log_sigma, eps, sigma=None):
     """z = mu + sigma * eps: mu, log_sigma, eps (B, Z) -> z (B, Z)."""
-    return mu + std(log_sigma) * eps
+    sigma = std(log_sigma) if sigma is None else sigma
+    return mu + sigma * eps
 
 
-def reparameterize_grad(dz, log_sigma, eps):
+def reparameterize_grad(dz, log_sigma, eps, sigma=None, in_range=None):
     """dz (B, Z) -> (dmu, dlog_sigma), each (B, Z).
 
     Local derivative: dz/dmu = 1, dz/dlog_sigma = sigma * eps.
     """
-    return dz, dz * std(log_sigma) * eps * _in_range(log_sigma)
+    sigma = std(log_sigma) if sigma is None else sigma
+    in_range = _in_range(log_sigma) if in_range is None else in_range
+    return dz, dz * sigma * eps * in_range
 
 
 # --- KL divergences -------------------------------------------------------------
 
-def kl_standard_normal(mu, log_sigma):
+def kl_standard_normal(mu, log_sigma, sigma=None):
     """KL(N(mu, sigma^2) || N(0, I)) per example: (B, Z), (B, Z) -> (B,).
 
     KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - 2 log sigma_j).
     """
     log_sigma = clip_log_sigma(log_sigma)
-    sigma = std(log_sigma)
+    sigma = np.exp(log_sigma) if sigma is None else sigma   # std(), on the clipped log_sigma at hand
     return 0.5 * np.sum(mu * mu + sigma * sigma - 1.0 - 2.0 * log_sigma, axis=-1)
 
 
-def kl_standard_normal_grad(dkl, mu, log_sigma):
+def kl_standard_normal_grad(dkl, mu, log_sigma, sigma=None, in_range=None):
     """dkl (B,) -> (dmu, dlog_sigma), each (B, Z).
 
     Local derivative: dKL/dmu = mu, dKL/dlog_sigma = sigma^2 - 1.
     """
-    sigma = std(log_sigma)
+    sigma = std(log_sigma) if sigma is None else sigma
+    in_range = _in_range(log_sigma) if in_range is None else in_range
     dkl = _expand(dkl, mu)
-    return dkl * mu, dkl * (sigma * sigma - 1.0) * _in_range(log_sigma)
+    return dkl * mu, dkl * (sigma * sigma - 1.0) * in_range
 
 
 def kl_diag_gaussians(mu_q, log_sigma_q, mu_p, log_sigma_p):

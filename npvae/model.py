@@ -299,12 +299,13 @@ class VAE:
 
     def forward(self, x, eps):
         """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); caches what backward needs."""
-        mu, log_sigma = self._encode(x)                 # (B, Z), (B, Z)
-        z = dist.reparameterize(mu, log_sigma, eps)     # (B, Z)
-        out = self._decode(z)                           # logits or (mean, log_sigma), (B, D)
-        log_px_z, reuse = self._log_px_z(x, out)        # (B,)
-        kl = dist.kl_standard_normal(mu, log_sigma)     # (B,)
-        self._cache = (x, eps, mu, log_sigma, out, reuse)
+        mu, log_sigma = self._encode(x)                     # (B, Z), (B, Z)
+        sigma = dist.std(log_sigma)                         # (B, Z), once for z, the KL and backward
+        z = dist.reparameterize(mu, log_sigma, eps, sigma)  # (B, Z)
+        out = self._decode(z)                               # logits or (mean, log_sigma), (B, D)
+        log_px_z, reuse = self._log_px_z(x, out)            # (B,)
+        kl = dist.kl_standard_normal(mu, log_sigma, sigma)  # (B,)
+        self._cache = (x, eps, mu, log_sigma, sigma, out, reuse)
         return log_px_z, kl
 
     def backward(self, dlog_px_z, dkl):
@@ -312,10 +313,11 @@ class VAE:
 
         mu and log_sigma feed both z and the KL, so their gradients sum both paths.
         """
-        x, eps, mu, log_sigma, out, reuse = self._cache
+        x, eps, mu, log_sigma, sigma, out, reuse = self._cache
         dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out, reuse))
-        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps)
-        dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma)
+        in_range = dist._in_range(log_sigma)   # where the clip in std() lets the gradient through
+        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps, sigma, in_range)
+        dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma, sigma, in_range)
         self._encode_backward(dmu + dmu_kl, dlog_sigma + dlog_sigma_kl)
         return self.grads
 

@@ -59,6 +59,28 @@ def test_reparameterize_gradient_is_zero_where_log_sigma_is_clipped():
     assert check_entries(f, {"log_sigma": log_sigma}, {"log_sigma": dls})["log_sigma"] == 0.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigma_and_in_range_given_by_the_caller_change_nothing(dtype):
+    # VAE.forward and backward take sigma and the clip's mask once and pass them
+    # to the reparameterization, the KL and their gradients: bit for bit the same
+    rng = np.random.default_rng(3)
+    mu, eps, dz = (rng.standard_normal((B, Z)).astype(dtype) for _ in range(3))
+    log_sigma = rng.standard_normal((B, Z)).astype(dtype)
+    log_sigma[0, :2] = [35.0, -35.0]                        # two entries held by the clip
+    dkl = rng.standard_normal(B).astype(dtype)
+    sigma, in_range = dist.std(log_sigma), dist._in_range(log_sigma)
+    assert not in_range[0, :2].any() and in_range[1:].all()
+    pairs = [(dist.reparameterize(mu, log_sigma, eps), dist.reparameterize(mu, log_sigma, eps, sigma)),
+             (dist.kl_standard_normal(mu, log_sigma), dist.kl_standard_normal(mu, log_sigma, sigma))]
+    pairs += zip(dist.reparameterize_grad(dz, log_sigma, eps),
+                 dist.reparameterize_grad(dz, log_sigma, eps, sigma, in_range))
+    pairs += zip(dist.kl_standard_normal_grad(dkl, mu, log_sigma),
+                 dist.kl_standard_normal_grad(dkl, mu, log_sigma, sigma, in_range))
+    for own, given in pairs:
+        assert own.dtype == given.dtype == dtype
+        np.testing.assert_array_equal(given, own)
+
+
 def test_reparameterized_samples_have_mean_mu_and_std_exp_log_sigma():
     # The numpy-ml bug: a sampler whose std is not exp(log_sigma). Only the samples show it.
     rng = np.random.default_rng(1)
