@@ -782,6 +782,50 @@ def test_binarize_is_binarize_rows_with_a_key_from_rng():
         x, data.binarize_key(np.random.default_rng(5))))
 
 
+def test_binarize_key_and_the_streams_of_keys():
+    # binarize_key: one raw 64-bit draw of the generator, its top 63 bits
+    rng, twin = np.random.default_rng(8), np.random.default_rng(8)
+    keys = [data.binarize_key(rng) for _ in range(200)]
+    assert keys == [int(w) >> 1 for w in twin.bit_generator.random_raw(200)]
+    assert all(0 <= k < 2**63 for k in keys) and max(keys) > 2**62 and len(set(keys)) == 200
+    assert rng.random() == twin.random()                 # the generator goes on in step
+    # each key's words are uniform, and keys next to each other are unrelated
+    words = np.stack([data._row_words(k, 0, 4, 1000, np.uint16) for k in (0, 1, 2, 2**64 - 1)])
+    assert words.dtype == np.uint16 and words.shape == (4, 4, 1000)
+    for w in words:
+        assert abs(w.mean() / 65535 - 0.5) < 0.02        # 4000 uniform words: standard error 0.005
+    for a, b in ((0, 1), (1, 2), (0, 3)):
+        assert np.mean(words[a] == words[b]) < 0.01       # equal by chance: 1 in 65536
+    # a thread's stream is started afresh each call: the same key, the same words
+    np.testing.assert_array_equal(data._row_words(1, 0, 4, 1000, np.uint16), words[1])
+    with pytest.raises(ValueError, match="key"):
+        data.binarize_rows(np.zeros((1, 3), np.float32), key=2**64)
+    with pytest.raises(ValueError, match="key"):
+        data.binarize_bytes(np.zeros((1, 3), np.uint8), key=-1)
+    with pytest.raises(TypeError, match="key must be an integer"):
+        data.binarize_bytes(np.zeros((1, 3), np.uint8), key=1.5)
+
+
+def test_row_words_in_threads_at_once_are_each_their_own():
+    # the PCG64 that _row_words restarts is one per thread: threads drawing at once do not mix
+    import threading
+    expected = {k: data._row_words(k, 3, 20, 784, np.uint16).copy() for k in range(4)}
+    failures, start = [], threading.Barrier(4)
+
+    def draw(k):
+        start.wait()
+        for _ in range(200):
+            if not np.array_equal(data._row_words(k, 3, 20, 784, np.uint16), expected[k]):
+                failures.append(k)
+                return
+    threads = [threading.Thread(target=draw, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_binarize_bytes_draws_bernoulli_of_the_grey_level(dtype):
     k = np.arange(256, dtype=np.uint8)[None, :].repeat(2000, axis=0)   # every grey level, 2000 rows
