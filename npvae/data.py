@@ -245,7 +245,7 @@ def _row_words(key, first_row, b, D, dtype):
     stream = getattr(_STREAMS, "pcg64", None)
     if stream is None:
         stream = _STREAMS.pcg64 = np.random.PCG64(0)
-    # Setting a PCG64's state costs a tenth of making one (which hashes its seed):
+    # Setting a PCG64's state costs about an eighth of making one (which hashes its seed):
     # one per thread, started afresh for each call.
     stream.state = {"bit_generator": "PCG64", "state": {"state": key << 64 | key, "inc": _PCG64_INC},
                     "has_uint32": 0, "uinteger": 0}
