@@ -401,13 +401,9 @@ class Processes:
         if not self._finalizer.alive:   # closed during the task (a helper died while this one waited)
             raise first[1] if not first[0] else HelperError("the helper processes were closed during a task")
         out = [first] + [self._result(j) for j in range(1, self.n)]
-        # the first error that is not only a consequence of another process's
         failed = [value for ok, value in out if not ok]
-        for value in failed:
-            if not isinstance(value, _Abandoned):
-                raise value
-        if failed:
-            raise failed[0]
+        if failed:   # the first error that is not only a consequence of another process's
+            raise next((e for e in failed if not isinstance(e, _Abandoned)), failed[0])
         return [value for _, value in out]
 
     def allgather(self, j, values):

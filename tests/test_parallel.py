@@ -438,10 +438,14 @@ def test_an_exception_in_a_helper_process_is_raised_in_the_main_one():
 
 
 @needs_processes
-def test_a_helper_process_that_dies_is_reported_not_waited_for():
+@pytest.mark.parametrize("barrier", [False, True])
+def test_a_helper_process_that_dies_is_reported_not_waited_for(barrier):
+    # with a barrier, the main process is waiting there for the helper that died
     def die_in_helper(j):
         if j == 1:
             os._exit(3)
+        if barrier:
+            parallel.allgather(j, (j,))
         return ()
     pool = parallel.Processes(2, [die_in_helper])
     with pytest.raises(parallel.HelperError, match="ended during a task"):
@@ -499,18 +503,6 @@ def test_a_process_that_fails_before_a_barrier_does_not_leave_the_others_waiting
         pool.run(0, [(1,)] * 3)
     assert pool.run(0, [(0,)] * 3) == [(0.0,), (1.0,), (2.0,)]   # and the pool works on
     pool.close()
-
-
-@needs_processes
-def test_a_helper_that_dies_before_a_barrier_is_reported():
-    def die_before_the_barrier(j):
-        if j == 1:
-            os._exit(3)
-        parallel.allgather(j, (j,))
-        return ()
-    pool = parallel.Processes(2, [die_before_the_barrier])
-    with pytest.raises(parallel.HelperError, match="ended during a task"):
-        pool.run(0, [(), ()])
 
 
 @needs_processes
