@@ -93,11 +93,12 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
     step = make_step(model, optimizer, make_prepare("dynamic", 0.5, "bernoulli", "grey", model.dtype),
                      threads=n_threads, backend=backend)
 
-    def epoch():   # as Trainer._train_epoch: one session, each step gathering its rows from x_train
+    def epoch():   # as Trainer._train_epoch: one session, each step gathering its rows (or the next's) from x_train
         perm = rng.permutation(n)
         with step.session():
             for s in range(0, n, batch_size):
-                step(x_train, 1.0, rng, index=perm[s:s + batch_size])
+                after = perm[s + batch_size:s + 2 * batch_size]
+                step(x_train, 1.0, rng, index=perm[s:s + batch_size], next_index=after if after.size else None)
 
     floor_fn = matmul_floor_train((784,) + tuple(hidden), z_dim, sizes, np.float32)
     floor_fn()  # warm up BLAS threads and caches

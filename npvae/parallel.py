@@ -297,8 +297,10 @@ def resolve_backend(backend, threads=None):
 # (after STATUS and the results). The two halves sit on different cache lines.
 # ARRIVED (in every row, row 0 the main process's) counts the barriers a
 # process has reached (Processes.allgather); FAILED (row 0 only) is the SEQ of
-# a task in which some process failed, so that the others stop waiting.
-SEQ, TASK, NARGS, FAILED, DONE, STATUS, NOUT, ARRIVED = 0, 1, 2, 3, 8, 9, 10, 11
+# a task in which some process failed, so that the others stop waiting;
+# RELEASED (row 0 only) is the SEQ of the task whose `before` the main process
+# has finished, or has released the helpers from (Processes.release).
+SEQ, TASK, NARGS, FAILED, RELEASED, DONE, STATUS, NOUT, ARRIVED = 0, 1, 2, 3, 4, 8, 9, 10, 11
 _ROW = 16
 STOP = -1
 _BARRIERS = 64   # one more than the allgather calls a task may make (the counts of task s start at 64 s)
@@ -373,8 +375,10 @@ class Processes:
         """[tasks[task](j, *args[j]) for j in range(n)], computed at once; re-raises the first error.
 
         before: called here once the helpers have their tasks and before
-        this process's own (work this process's task needs, which the
-        helpers' do not, can overlap with theirs).
+        this process's own, so that work this process's task needs, or that
+        the helpers' need only later, overlaps with theirs. A helper's task
+        waits for it at wait_released(j): until before has returned, or
+        has called release().
         """
         if len(args) != self.n:
             raise ValueError(f"run needs {self.n} argument tuples, got {len(args)}")
@@ -383,6 +387,8 @@ class Processes:
         ctl = self._ctl
         self._seq = seq = int(ctl[0, SEQ]) + 1
         ctl[0, SEQ], ctl[0, ARRIVED] = seq, seq * _BARRIERS
+        if before is None:
+            ctl[0, RELEASED] = seq
         for j in range(1, self.n):
             a = args[j]
             self._args[j, :len(a)] = a
@@ -392,6 +398,7 @@ class Processes:
         try:
             if before is not None:
                 before()
+                ctl[0, RELEASED] = seq
             first = (True, self.tasks[task](0, *args[0]))
         except BaseException as e:
             ctl[0, FAILED] = seq   # helpers waiting at a barrier for this process stop
@@ -429,6 +436,25 @@ class Processes:
                 if spins % 1000 == 0:
                     self._check_waiting(j, i, arrived, spins)
         return [tuple(float(v) for v in slot[i, :len(values)]) for i in range(self.n)]
+
+    def release(self):
+        """In the main process's `before` (run): the helpers waiting at wait_released go on now."""
+        self._ctl[0, RELEASED] = self._seq
+
+    def wait_released(self, j):
+        """Process j, inside a task: wait until the main process has run `before` or called release().
+
+        The main process (j = 0) never waits: its task starts after before.
+        If the main process fails first, this raises instead of waiting for ever.
+        """
+        ctl, seq, spins = self._ctl, self._seq, 0
+        while j > 0 and ctl[0, RELEASED] != seq:
+            spins += 1
+            if spins % 1000 == 0:
+                if ctl[0, FAILED] == seq:
+                    raise _Abandoned("the main process failed before it released the helpers")
+                if spins % 20000 == 0 and (os.getppid() != self._parent or ctl[j, SEQ] != seq):
+                    raise _Abandoned("the main process has gone, or stopped the helpers")
 
     def _check_waiting(self, j, i, arrived, spins):
         """Process j, waiting at a barrier for process i: raise if i will not come."""
@@ -474,6 +500,13 @@ def allgather(j, values):
     """Inside a task of Processes: its allgather(j, values), which see. Outside one: [values]."""
     pool = _running[0]
     return [tuple(float(v) for v in values)] if pool is None else pool.allgather(j, values)
+
+
+def wait_released(j):
+    """Inside a task of Processes: its wait_released(j), which see. Outside one: return at once."""
+    pool = _running[0]
+    if pool is not None:
+        pool.wait_released(j)
 
 
 def _serve(j, pool, error_fd, parent):

@@ -213,24 +213,31 @@ def make_prepare(binarize, threshold, likelihood, kind, dtype):
     return Prepare(binarize, threshold, likelihood, kind, dtype)
 
 
-def _as_index(index):
+def _as_index(index, name="index"):
     index = np.asarray(index)
     if index.ndim != 1 or index.dtype.kind not in "iu":
-        raise TypeError(f"index must be a 1-D array of integers, got {index.dtype} of shape {index.shape}")
+        raise TypeError(f"{name} must be a 1-D array of integers, got {index.dtype} of shape {index.shape}")
     return index
 
 
-def _minibatch(x, index):
-    """The stored rows of a minibatch: x itself, or x[index] (index checked)."""
+def _minibatch(x, index, next_index=None):
+    """The stored rows of a minibatch: x itself, or x[index] (index checked, and next_index if given)."""
+    if next_index is not None:
+        _as_index(next_index, "next_index")
     return x if index is None else x[_as_index(index)]
 
 
 def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
-    """A function step(x, beta, rng, index=None) -> (sum of log p(x|z) or bound, sum of KL, |grad|^2).
+    """A function step(x, beta, rng, index=None, next_index=None) -> (sum of log p(x|z) or bound,
+    sum of KL, |grad|^2).
 
     One optimizer step on one minibatch: the whole hot path of training.
     The minibatch is the stored rows x, or with index the rows x[index] of
     the whole set x (so that each process can gather its own share).
+    next_index, the index the next call will give with the same x, is a
+    hint: on processes the step gathers those rows while it waits for its
+    helpers, and the next call uses them if its x and index are the same
+    (they are read from x during this call). It changes no result.
     prepare (a Prepare) makes the model's input from the stored rows.
     threads > 1 (or "auto") splits the minibatch over that many threads
     (npvae.parallel): the same step to float rounding, on several cores.
@@ -258,15 +265,18 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         replicas = [model.replica() for _ in range(n)]
         grad_ranges = model.grad_ranges(n)
 
-    def forward_backward(replica, rows, noise, first_row, eps, B, beta, batch=None):
+    def forward_backward(replica, rows, noise, first_row, eps, B, beta, batch=None, wait=None):
         """Prepare rows [first_row, first_row + b) of the batch, then the backward pass of their
         share of the loss -mean over all B rows; -> their sums of the terms.
 
         batch (a SplitBatch): replica works on those rows of it, and leaves
         the weight gradients to batch.weight_grads; None: replica (the model)
-        computes them.
+        computes them. wait: called once the rows are prepared, before eps
+        is read (a helper process waits there for the main one to draw it).
         """
         x = prepare.rows(rows, noise, first_row)
+        if wait is not None:
+            wait()
         b = x.shape[0]
         if batch is not None:
             replica.bind_rows(batch, first_row, first_row + b)
@@ -306,8 +316,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         return finish(sums, g2, lambda: optimizer.step(model.grads))
 
     if n == 1:
-        def step(x, beta, rng, index=None):
-            return serial_step(_minibatch(x, index), beta, rng)
+        def step(x, beta, rng, index=None, next_index=None):   # no helpers: nothing to gather ahead
+            return serial_step(_minibatch(x, index, next_index), beta, rng)
         step.session = contextlib.nullcontext   # BLAS keeps its own threads
         return step
     if use == "processes":
@@ -319,8 +329,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
     workers = parallel.Workers(n)
     held = {"batch": None}
 
-    def step(x, beta, rng, index=None):
-        rows = _minibatch(x, index)
+    def step(x, beta, rng, index=None, next_index=None):   # threads gather their rows at once
+        rows = _minibatch(x, index, next_index)
         B = rows.shape[0]
         if B < n:
             return serial_step(rows, beta, rng)
@@ -350,27 +360,44 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
     every process adds up in the threads' order, so that all make the same
     decision to update or skip the step.
 
-    Helper j takes the j-th block of rows and this process the last, so
-    that it can gather the helpers' rows and draw their noise, start them,
-    and only then do the same for its own rows (rng's draws keep the order
-    of a serial step). The rows, the noise and the SplitBatch live in shared
-    memory, made with the helpers on the first step; a larger batch than any
-    before (or rows of another kind) makes new buffers and new helpers.
+    Helper j takes the j-th block of rows and this process the last. This
+    process gathers the helpers' rows and draws the binarization key, starts
+    them, and then draws their noise, which each helper waits for only once
+    it has prepared its rows (parallel.wait_released), then gathers its own
+    rows and draws its own noise (rng's draws keep the order of a serial
+    step). Given next_index, it gathers the next step's rows at the end of
+    its task, while the helpers finish theirs. The rows, the noise and the
+    SplitBatch live in shared memory, made with the helpers on the first
+    step; a larger batch than any before (or rows of another kind) makes
+    new buffers and new helpers.
     """
-    pool = {"capacity": 0, "rows kind": None}
+    # "gathered": (x, index's dtype, its bytes) whose rows the rows buffer holds; "next": what gathers them
+    pool = {"capacity": 0, "rows kind": None, "gathered": None, "next": None}
     update_ranges = optimizer.update_ranges(n)   # as the threads' (optimizer.step)
 
     def task(rows_buffer, eps_buffer, batch):
         def whole_step(j, a, b, B, beta, key_high, key_low, t, lr):
             a, b, B = int(a), int(b), int(B)
             part = forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
-                                    eps_buffer[a:b], B, beta, batch)
+                                    eps_buffer[a:b], B, beta, batch, lambda: parallel.wait_released(j))
             parts = parallel.allgather(j, part)
             parts = parts[1:] + parts[:1]   # in the order of the rows: process 0 has the last block
             sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
             g2 = sum(p[0] for p in parallel.allgather(j, (weight_grads(batch, *grad_ranges[j], B),)))
-            return finish(sums, g2, lambda: optimizer.step_range(model.grads, *update_ranges[j], t, lr))
+            out = finish(sums, g2, lambda: optimizer.step_range(model.grads, *update_ranges[j], t, lr))
+            if j == 0 and pool["next"] is not None:
+                # every process is past its rows now (the second barrier): this one's spare time
+                pool["next"]()
+            return out
         return whole_step
+
+    def gather_ahead(x, index):
+        """Gather x[index] into the rows buffer for the next step, if it fits and index is in range
+        (else that step gathers its rows itself, and reports a bad index)."""
+        B = index.shape[0]
+        if n <= B <= pool["capacity"] and 0 <= index.min() and index.max() < x.shape[0]:
+            np.take(x, index, axis=0, out=pool["rows"][:B], mode="clip")   # in range: clip clips nothing
+            pool["gathered"] = (x, index.dtype, index.tobytes())
 
     def helpers(B, kind):
         if B > pool["capacity"] or kind != pool["rows kind"]:
@@ -383,29 +410,40 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
             pool["capacity"], pool["rows kind"] = B, kind
         return pool["processes"]
 
-    def step(x, beta, rng, index=None):
+    def step(x, beta, rng, index=None, next_index=None):
         index = None if index is None else _as_index(index)
+        next_index = None if next_index is None else _as_index(next_index, "next_index")
         B = x.shape[0] if index is None else index.shape[0]
+        pool["next"] = None
         if B < n:
+            pool["gathered"] = None
             return serial_step(_minibatch(x, index), beta, rng)
         processes = helpers(B, (x.dtype, x.shape[1:]))
+        # rows gathered for this x and index fit the buffers they went to, which are kept then
+        gathered, pool["gathered"] = pool["gathered"], None
         rows, eps = pool["rows"], pool["eps"]
         cuts = parallel.split(B, n)
         own = cuts[-2]   # this process's rows are [own, B)
+        ready = (gathered is not None and index is not None and gathered[0] is x
+                 and gathered[1] == index.dtype and gathered[2] == index.tobytes())
 
-        def fill(a, b):  # the stored rows [a, b) of the minibatch
-            rows[a:b] = x[a:b] if index is None else x[index[a:b]]
+        def fill(a, b):  # the stored rows [a, b) of the minibatch, unless the last step gathered them
+            if not ready:
+                rows[a:b] = x[a:b] if index is None else x[index[a:b]]
         fill(0, own)
         noise = prepare.noise(rng)
-        rng.standard_normal(out=eps[:own], dtype=model.dtype)
 
-        def own_rows():  # once the helpers have started: the rest of the rows and of the noise
+        def before():  # once the helpers have started: their noise, then this process's rows and noise
+            rng.standard_normal(out=eps[:own], dtype=model.dtype)
+            processes.release()
             fill(own, B)
             rng.standard_normal(out=eps[own:B], dtype=model.dtype)
+        if next_index is not None:
+            pool["next"] = functools.partial(gather_ahead, x, next_index)
         t, lr = optimizer.t + 1, optimizer.lr
         with parallel.one_blas_thread():   # each process keeps to one core
             return processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF, t, lr)
-                                     for a, b in [(own, B)] + list(zip(cuts, cuts[1:-1]))], own_rows)[0]
+                                     for a, b in [(own, B)] + list(zip(cuts, cuts[1:-1]))], before)[0]
     return step
 
 
@@ -611,7 +649,9 @@ class Trainer:
                     return False
                 idx = self.perm[self.step * c.batch_size:(self.step + 1) * c.batch_size]
                 beta = kl_weight(c, self.epoch, self.step, steps)
-                rec, kl, g2 = self._step(self.x_train, beta, self.rng, index=idx)
+                after = self.perm[(self.step + 1) * c.batch_size:(self.step + 2) * c.batch_size]
+                rec, kl, g2 = self._step(self.x_train, beta, self.rng, index=idx,
+                                         next_index=after if after.size else None)
                 if not (math.isfinite(rec) and math.isfinite(kl) and math.isfinite(g2)):
                     progress.close()
                     raise TrainingDiverged(

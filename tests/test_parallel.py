@@ -528,6 +528,51 @@ def test_run_calls_before_here_once_the_helpers_have_started():
     pool.close()
 
 
+@needs_processes
+@pytest.mark.parametrize("release_early", [False, True])
+def test_helpers_that_wait_to_be_released_go_on_once_before_releases_them_or_returns(release_early):
+    seen = parallel.shared_zeros(4, np.float64)
+
+    def read_after_release(j):
+        if j > 0:
+            seen[j] = 1.0                  # started, before the main process's `before` is through
+            parallel.wait_released(j)
+        return (float(seen[3]),)           # what `before` had written by then
+
+    def before():   # lets the helpers start waiting (at most 10 s), then writes what they must see
+        deadline = time.monotonic() + 10.0
+        while not (seen[1] and seen[2]) and time.monotonic() < deadline:
+            pass
+        seen[3] = 5.0
+        if release_early:
+            pool.release()
+            seen[3] = 6.0                  # after the release: a helper may or may not see this
+    pool = parallel.Processes(3, [read_after_release])
+    results = pool.run(0, [()] * 3, before)
+    assert seen[1] == seen[2] == 1.0
+    assert results[0] == (6.0 if release_early else 5.0,)
+    assert all(r[0] >= 5.0 for r in results[1:])   # no helper went on before it was released
+    seen[3] = 7.0
+    assert pool.run(0, [()] * 3) == [(7.0,)] * 3   # without `before`, nothing to wait for
+    assert parallel.wait_released(0) is None      # outside a task: nothing to wait for
+    pool.close()
+
+
+@needs_processes
+def test_a_main_process_that_fails_in_before_does_not_leave_the_helpers_waiting():
+    def wait(j):
+        parallel.wait_released(j)
+        return (float(j),)
+
+    def fail():
+        raise KeyError("in before")
+    pool = parallel.Processes(2, [wait])
+    with pytest.raises(KeyError, match="in before"):   # its own error, not the helper's _Abandoned
+        pool.run(0, [(), ()], fail)
+    assert pool.run(0, [(), ()]) == [(0.0,), (1.0,)]   # and the pool works on
+    pool.close()
+
+
 @pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
                                               pytest.param(2, "processes", marks=needs_processes),
                                               pytest.param(3, "processes", marks=needs_processes)])
@@ -549,6 +594,38 @@ def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
     assert np.array_equal(out[0][1], out[1][1])
     with pytest.raises(TypeError, match="index must be a 1-D array of integers"):
         step(x, 1.0, rng, index=np.array([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
+                                              pytest.param(2, "processes", marks=needs_processes),
+                                              pytest.param(3, "processes", marks=needs_processes)])
+def test_next_index_is_a_hint_that_changes_nothing(threads, backend):
+    """Steps told the next index (right, wrong, out of range, for another x, or a larger batch than
+    any before) are bit for bit the steps not told it."""
+    x = grey_rows(40)
+    other = x.copy()
+    other[:, :6] = 255 - other[:, :6]            # same shape and dtype, other rows
+    i = [np.array(v) for v in ([5, 17, 3, 3, 39, 0, 22, 8, 11], [1, 2, 30, 31, 4, 6, 9, 12, 13],
+                               [7, 7, 8, 9, 10, 20, 21, 22, 23], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                               [39, 38, 37, 36, 35, 34, 33, 32, 31])]
+    # (x, index, next_index) of each call: the hint right; then wrong; out of range; right for the
+    # index but given with another x; right but larger than the buffers; right again after new buffers
+    calls = [(x, i[0], i[1]), (x, i[1], i[2]), (x, i[0], np.array([3, 40])), (x, i[2], i[3]),
+             (other, i[3], i[4]), (x, i[4], i[3]), (x, i[3], i[0]), (x, i[0], None)]
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
+    out = []
+    for hinted in (False, True):
+        m = small_vae(shared=True)
+        step = make_step(m, Adam(m.params, lr=0.05), prepare, threads=threads, backend=backend)
+        rng = np.random.default_rng(7)
+        with step.session():
+            sums = [step(xs, 1.0, rng, index=index, next_index=after if hinted else None)
+                    for xs, index, after in calls]
+        out.append((sums, m.flat_params.copy(), rng.random()))
+    assert out[0][0] == out[1][0] and out[0][2] == out[1][2]
+    assert np.array_equal(out[0][1], out[1][1])
+    with pytest.raises(TypeError, match="next_index must be a 1-D array of integers"):
+        step(x, 1.0, rng, index=i[0], next_index=np.array([[1, 2]]))
 
 
 @needs_processes
