@@ -275,3 +275,18 @@ def test_bound_dense_writes_y_and_da_where_told_and_leaves_dW_db_to_weight_grads
         bound.weight_grads(x, da_out, rows, cols)
     np.testing.assert_allclose(bound.dW, plain.dW, rtol=1e-14)
     np.testing.assert_allclose(bound.db, plain.db, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+def test_bias_gradient_is_the_sum_of_da_over_the_rows_for_any_batch_size(dtype, rtol):
+    """db = sum over rows of da, a product with a vector of ones kept between calls: also when a
+    batch is longer than the vector kept so far, and in the layer's dtype."""
+    rng = np.random.default_rng(3)
+    layer = Dense(rng.standard_normal((4, 3)).astype(dtype), np.zeros(3, dtype),
+                  np.empty((4, 3), dtype), np.empty(3, dtype), "identity")
+    for B in (3, 300, 1000, 5):
+        x, da = rng.standard_normal((B, 4)).astype(dtype), rng.standard_normal((B, 3)).astype(dtype)
+        layer.weight_grads(x, da)
+        assert layer.db.dtype == dtype
+        np.testing.assert_allclose(layer.db, da.astype(np.float64).sum(axis=0), rtol=rtol, atol=rtol * B)
+        np.testing.assert_allclose(layer.dW, x.astype(np.float64).T @ da, rtol=rtol, atol=rtol * B)
