@@ -79,6 +79,7 @@ class VAE:
         self.shared = bool(shared)
         self.rng = np.random.default_rng(seed)
         self._rows = None   # (x rows, z rows) of a SplitBatch this model is bound to (bind_rows)
+        self._bound = None  # (batch, first, stop) of that binding
         self._build()
 
     # --- construction ----------------------------------------------------------
@@ -169,7 +170,7 @@ class VAE:
         """
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin._cache = twin._cache_iwae = twin._rows = None
+        twin._cache = twin._cache_iwae = twin._rows = twin._bound = None
         twin.flat_grads, twin.grads = twin._allocate(self.flat_grads.size)
         twin._make_layers(self._layer_specs())
         return twin
@@ -453,10 +454,13 @@ class VAE:
         batch.weight_grads computes those afterwards, over the whole batch.
         """
         if batch is None:
-            self._rows = None
+            self._rows = self._bound = None
             for layer in self._layers.values():
                 layer.out = layer.da_out = None
             return
+        bound = self._bound
+        if bound is not None and bound[0] is batch and bound[1:] == (first, stop):
+            return   # bound there already (a training step binds the same rows every time)
         k = batch.k
         for name, layer in self._layers.items():
             r = _rows_per_example(name, k)
@@ -464,6 +468,7 @@ class VAE:
             layer.out = batch.inputs[name][rows] if name in batch.inputs else None
             layer.da_out = batch.da[name][rows]
         self._rows = batch.inputs["x"][first:stop], batch.inputs["z"][first * k:stop * k]
+        self._bound = batch, first, stop
 
     # --- generation ---------------------------------------------------------------------
 

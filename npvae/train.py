@@ -309,6 +309,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
 
     def serial_step(rows, beta, rng):
         B = rows.shape[0]
+        if B == 0:   # every split step with fewer rows than parts comes here
+            raise ValueError("a minibatch needs at least one row: x (or x[index]) has none")
         noise = prepare.noise(rng)
         eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
         sums = forward_backward(model, rows, noise, 0, eps, B, beta)

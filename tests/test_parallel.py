@@ -232,6 +232,26 @@ def test_unbound_replica_computes_its_own_gradients_again():
         assert np.array_equal(g[name], expected[name]), name
 
 
+def test_a_replica_bound_again_writes_into_the_rows_of_its_latest_binding():
+    """bind_rows keeps a binding to the same rows as it is, and moves to other rows or batches."""
+    m = small_vae()
+    rng = np.random.default_rng(5)
+    x, eps = (rng.random((6, 12)) > 0.5) * 1.0, rng.standard_normal((6, 3))
+    batches = SplitBatch(m, 6), SplitBatch(m, 6)
+    r = m.replica()
+    for target, a, b in [(0, 0, 2), (0, 0, 2), (0, 2, 6), (1, 2, 6), (0, 0, 2), (1, 0, 2)]:
+        for batch in batches:
+            batch.inputs["x"][...] = batch.inputs["z"][...] = np.nan
+        r.bind_rows(batches[target], a, b)
+        r.forward(x[a:b], eps[a:b])
+        for i, batch in enumerate(batches):
+            rows = np.zeros(6, bool)
+            rows[a:b] = i == target
+            assert np.array_equal(~np.isnan(batch.inputs["x"]).all(axis=1), rows)
+            assert np.array_equal(~np.isnan(batch.inputs["z"]).all(axis=1), rows)
+        np.testing.assert_array_equal(batches[target].inputs["x"][a:b], x[a:b])
+
+
 # --- the parallel step against the serial one ---------------------------------------------------------
 
 @pytest.mark.parametrize("binarize, make_rows", PREPARED)
@@ -594,6 +614,21 @@ def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
     assert np.array_equal(out[0][1], out[1][1])
     with pytest.raises(TypeError, match="index must be a 1-D array of integers"):
         step(x, 1.0, rng, index=np.array([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
+                                              pytest.param(2, "processes", marks=needs_processes)])
+def test_a_step_on_no_rows_is_refused_and_changes_nothing(threads, backend):
+    x = grey_rows(10)
+    m = small_vae(shared=True)
+    step = make_step(m, Adam(m.params), make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64),
+                     threads=threads, backend=backend)
+    before = m.flat_params.copy()
+    rng = np.random.default_rng(0)
+    for rows, index in ((x[:0], None), (x, np.array([], np.int64))):
+        with pytest.raises(ValueError, match="a minibatch needs at least one row"):
+            step(rows, 1.0, rng, index=index)
+    np.testing.assert_array_equal(m.flat_params, before)
 
 
 @pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
