@@ -281,9 +281,10 @@ class VAE:
         return self._log_px_z(x, out)[0]
 
     def _log_px_z(self, x, out):
-        """(log p(x|z), what its gradient can reuse: e^logits or None for Bernoulli)."""
+        """(log p(x|z), what its gradient can reuse: (e^logits, 1 + e^logits) or None for Bernoulli)."""
         if self.likelihood == "bernoulli":
-            return dist.bernoulli_log_prob_and_exp(x, out)
+            log_p, e, t = dist.bernoulli_log_prob_and_exp(x, out)
+            return log_p, None if e is None else (e, t)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob(x, *out), None
@@ -291,7 +292,8 @@ class VAE:
     def _log_px_z_grad(self, dlog_px_z, x, out, reuse=None):
         """Upstream gradient of log p(x|z) -> gradient w.r.t. the decoder's output."""
         if self.likelihood == "bernoulli":
-            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, exp_logits=reuse)
+            e, t = (None, None) if reuse is None else reuse
+            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, exp_logits=e, one_plus_exp=t)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob_grad(dlog_px_z, x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob_grad(dlog_px_z, x, *out)

@@ -277,17 +277,20 @@ def test_bernoulli_with_exp_is_the_same_log_prob_and_gradient(shape, dtype, rtol
     logits.flat[0] = top
     r = rng.standard_normal(shape[:-1])
     reference = np.sum(x * logits.astype(np.float64) - np.logaddexp(0.0, logits.astype(np.float64)), axis=-1)
-    logp, e = dist.bernoulli_log_prob_and_exp(x, logits)
+    logp, e, t = dist.bernoulli_log_prob_and_exp(x, logits)
     assert logp.dtype == dtype
     np.testing.assert_allclose(logp, reference, rtol=rtol)
-    if group is None:    # above the pairs' limit: softplus, the same numbers, and no e
-        assert e is None
+    if group is None:    # above the pairs' limit: softplus, the same numbers, and no e or t
+        assert e is None and t is None
         np.testing.assert_array_equal(logp, dist.bernoulli_log_prob(x, logits))
         return
-    assert np.array_equal(e, np.exp(logits))
+    assert np.array_equal(e, np.exp(logits)) and np.array_equal(t, np.exp(logits) + 1)   # t intact
     sigmoid = expit(logits.astype(np.float64))
-    np.testing.assert_allclose(dist.bernoulli_log_prob_grad(r, x, logits, exp_logits=e),
-                               r[..., None] * (x - sigmoid), rtol=rtol, atol=rtol * np.abs(r).max())
+    expected = r[..., None] * (x - sigmoid)
+    for kept in ({"exp_logits": e}, {"exp_logits": e, "one_plus_exp": t}):
+        np.testing.assert_allclose(dist.bernoulli_log_prob_grad(r, x, logits, **kept), expected,
+                                   rtol=rtol, atol=rtol * np.abs(r).max())
+    assert np.array_equal(t, np.exp(logits) + 1)   # the gradient leaves t as it was (backward may run again)
 
 
 # --- Gaussian likelihoods -----------------------------------------------------------------
