@@ -272,7 +272,7 @@ def binarize_rows(x, key, first_row=0):
     return np.less(u, x).astype(x.dtype)
 
 
-def binarize_bytes(x, key, first_row=0, dtype=np.float32):
+def binarize_bytes(x, key, first_row=0, dtype=np.float32, out=None):
     """binarize_rows for grey levels stored as bytes: x (b, D) uint8 -> (b, D) dtype, Bernoulli(k/255) draws.
 
     The same scheme in integers, at 16 bits instead of 24: pixel d of row r
@@ -281,14 +281,20 @@ def binarize_bytes(x, key, first_row=0, dtype=np.float32):
     and otherwise P(on) = 257 k / 65536 = (k/255)(1 - 2^-16), within 2^-16
     of k/255. Four pixels a 64-bit draw instead of two, and no pass in
     floats but the last: about half the time of to_float and binarize_rows.
-    A block of rows draws what the whole does.
+    A block of rows draws what the whole does. out: a (b, D) array of dtype
+    to write the draws into (and return), instead of a new one.
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
         raise TypeError(f"binarize_bytes expects a 2-D uint8 array of grey levels, got {_describe(x)}")
+    if out is not None and (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != dtype):
+        raise ValueError(f"out must be a {np.dtype(dtype)} array of shape {x.shape}, got {_describe(out)}")
     words = _row_words(key, first_row, *x.shape, np.uint16)
     on = np.less(words, np.multiply(x, np.uint16(257), dtype=np.uint16))
     on |= np.equal(x, 255)                     # 257 * 255 = 65535: w = 65535 is not below it
-    return on.astype(dtype)
+    if out is None:
+        return on.astype(dtype)
+    np.copyto(out, on)
+    return out
 
 
 def split_validation(dataset, n_valid, seed):

@@ -232,7 +232,7 @@ class VAE:
         return self._encode(self._as_x(x))
 
     def _encode(self, x):
-        if self._rows is not None:       # bound: x goes into the split batch's rows too
+        if self._rows is not None and x is not self._rows[0]:   # bound: x goes into the batch's rows too
             np.copyto(self._rows[0], x)
             x = self._rows[0]
         h = self.encoder.forward(x)  # (B, H)
@@ -446,6 +446,11 @@ class VAE:
             cuts.append(max(cuts[-1], int(allowed[np.argmin(np.abs(allowed - ideal))])))
         cuts.append(self.flat_grads.size)
         return list(zip(cuts, cuts[1:]))
+
+    def input_rows(self):
+        """Bound to a SplitBatch: the (b, D) rows of it where forward puts x (x may be written
+        there in advance; forward then copies nothing). Else None."""
+        return None if self._rows is None else self._rows[0]
 
     def bind_rows(self, batch, first, stop):
         """Work on rows [first, stop) of the SplitBatch batch (None: unbind).

@@ -194,9 +194,14 @@ class Prepare:
     def noise(self, rng):
         return datasets.binarize_key(rng) if self.dynamic else 0
 
-    def rows(self, x, noise, first_row=0):
+    def rows(self, x, noise, first_row=0, out=None):
+        """The model input of the stored rows x, which start at row first_row of the minibatch.
+
+        out: a (b, D) array of the dtype where the rows may go (binarize_bytes
+        writes there); the result is out or a new array.
+        """
         if self.dynamic and isinstance(x, np.ndarray) and x.dtype == np.uint8:
-            return datasets.binarize_bytes(x, noise, first_row, self.dtype)   # no floats on the way
+            return datasets.binarize_bytes(x, noise, first_row, self.dtype, out)   # no floats on the way
         x = datasets.to_float(x, self.dtype)
         if self.dynamic:
             return datasets.binarize_rows(x, noise, first_row)
@@ -274,12 +279,13 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         computes them. wait: called once the rows are prepared, before eps
         is read (a helper process waits there for the main one to draw it).
         """
-        x = prepare.rows(rows, noise, first_row)
-        if wait is not None:
-            wait()
-        b = x.shape[0]
+        b = rows.shape[0]
         if batch is not None:
             replica.bind_rows(batch, first_row, first_row + b)
+        # bound, straight into the batch's rows of x, where forward would copy x to
+        x = prepare.rows(rows, noise, first_row, replica.input_rows())
+        if wait is not None:
+            wait()
         if objective == "elbo":
             log_px_z, kl = replica.forward(x, eps)
             # loss = -mean(log_px_z - beta * kl)

@@ -847,6 +847,13 @@ def test_binarize_bytes_draws_bernoulli_of_the_grey_level(dtype):
         data.binarize_bytes(x, key=1)
     with pytest.raises(TypeError, match="2-D uint8"):
         data.binarize_bytes(k[0], key=1)
+    # written into a given array: the same draws, in it
+    out = np.full((3, 256), np.nan, dtype)
+    assert prepare.rows(k[:3], 77, 0, out=out) is out
+    np.testing.assert_array_equal(out, data.binarize_bytes(k[:3], 77, dtype=dtype))
+    for bad in (np.empty((2, 256), dtype), np.empty((3, 256), np.float16), [[0.0] * 256] * 3):
+        with pytest.raises(ValueError, match=f"out must be a {np.dtype(dtype)} array of shape \\(3, 256\\)"):
+            data.binarize_bytes(k[:3], 77, dtype=dtype, out=bad)
 
 
 def test_binarize_threshold_and_arguments():
