@@ -225,7 +225,8 @@ def bernoulli_log_prob_and_exp(x, logits):
     With the largest logits too large even for pairs: softplus, and None, None.
     """
     limit = _EXP_SAFE.get(logits.dtype)
-    top = max(float(np.max(logits)), 0.0) if limit is not None and logits.size else math.nan
+    # np.max, without its Python wrapper's cost
+    top = max(float(np.maximum.reduce(logits, axis=None)), 0.0) if limit is not None and logits.size else math.nan
     if not 2 * (top + 1.0) < limit:   # NaN too (max(nan, 0.0) is nan)
         return bernoulli_log_prob(x, logits), None, None
     e = np.exp(logits)
@@ -238,7 +239,7 @@ def bernoulli_log_prob_and_exp(x, logits):
         h = products.shape[-1] // 2
         products = np.multiply(products[..., :h], products[..., h:2 * h])   # groups twice as large
         group *= 2
-    log_t_sum = log_t_sum + np.sum(np.log(products, out=products), axis=-1)   # not t: a new array
+    log_t_sum = log_t_sum + np.add.reduce(np.log(products, out=products), axis=-1)   # not t: a new array
     return _row_dot(x, logits) - log_t_sum, e, t
 
 

@@ -525,19 +525,30 @@ class SplitBatch:
         self.inputs = {name: zeros(name, widths[name]) for name in ["x", "z"] + sorted(
             set(self.reads.values()) - {"x", "z"})}
         self.da = {name: zeros(name, fan_out) for name, _, fan_out, _ in model._layer_specs()}
+        self._plans = {}   # (start, stop) -> what weight_grads does for that range
 
     def weight_grads(self, start, stop, B):
         """The model's gradient on [start, stop) of its flat buffer (model.grad_ranges' pieces),
         from the first B examples, which the bound replicas have written."""
         if not 0 < B <= self.capacity:
             raise ValueError(f"B must be in [1, {self.capacity}], got {B}")
-        model = self.model
+        plan = self._plans.get((start, stop))
+        if plan is None:   # a training step asks for the same ranges every time: worked out once
+            plan = self._plans[start, stop] = self._plan(start, stop)
+        for layer, x, da, r, rows, cols in plan:
+            layer.weight_grads(x[:B * r], da[:B * r], rows, cols)
+
+    def _plan(self, start, stop):
+        """[(layer, its input, its da, rows per example, rows of W, entries of b)] of every layer
+        with a piece in [start, stop) of the flat buffer."""
+        model, plan = self.model, []
         for name, layer in model._layers.items():
-            n = B * _rows_per_example(name, self.k)
             rows = _piece(model._views[name + ".W"], start, stop)
             cols = _piece(model._views[name + ".b"], start, stop)
             if rows.stop > rows.start or cols.stop > cols.start:
-                layer.weight_grads(self.inputs[self.reads[name]][:n], self.da[name][:n], rows, cols)
+                plan.append((layer, self.inputs[self.reads[name]], self.da[name],
+                             _rows_per_example(name, self.k), rows, cols))
+        return plan
 
 
 def _rows_per_example(name, k):

@@ -435,7 +435,7 @@ class Processes:
                 spins += 1
                 if spins % 1000 == 0:
                     self._check_waiting(j, i, arrived, spins)
-        return [tuple(float(v) for v in slot[i, :len(values)]) for i in range(self.n)]
+        return [tuple(row) for row in slot[:, :len(values)].tolist()]
 
     def release(self):
         """In the main process's `before` (run): the helpers waiting at wait_released go on now."""
@@ -478,7 +478,7 @@ class Processes:
                 self._check_alive(j)
         if ctl[j, STATUS]:
             return False, _read_error(self._errors[j - 1])
-        return True, tuple(float(v) for v in self._out[j, :ctl[j, NOUT]])
+        return True, tuple(self._out[j, :ctl[j, NOUT]].tolist())
 
     def _check_alive(self, j):
         pid = self._pids[j - 1]
