@@ -115,8 +115,8 @@ _ONES = {}
 
 
 def _ones(n, dtype):
-    """A read-only vector of n ones of dtype, kept from call to call."""
-    ones = _ONES.get(np.dtype(dtype))
+    """A read-only vector of n ones of dtype (a np.dtype, the key it is kept under from call to call)."""
+    ones = _ONES.get(dtype)
     if ones is None or ones.shape[0] < n:
         ones = np.ones(max(n, 256), dtype)
         ones.flags.writeable = False

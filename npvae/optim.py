@@ -6,6 +6,7 @@ checkpoint next to the parameters and load_state_dict() can bring it back.
 """
 import functools
 import math
+import operator
 
 import numpy as np
 
@@ -189,7 +190,7 @@ class Optimizer:
         """flat_layout(grads.values()), remembered for the same arrays (a model passes the same views every step)."""
         arrays = tuple(grads.values())
         seen = self._seen_grads
-        if len(seen[0]) != len(arrays) or any(a is not b for a, b in zip(arrays, seen[0])):
+        if len(seen[0]) != len(arrays) or not all(map(operator.is_, arrays, seen[0])):
             seen = self._seen_grads = (arrays, flat_layout(arrays))
         return seen[1]
 
@@ -282,7 +283,7 @@ _AXPY = {}
 
 def _add_scaled(y, a, x):
     """y += a x in place: one BLAS pass (axpy) where y and x are contiguous, else two NumPy passes."""
-    axpy = _axpy_of(y.dtype)
+    axpy = _AXPY.get(y.dtype) or _axpy_of(y.dtype)
     if axpy is not None and x.dtype == y.dtype and y.flags.c_contiguous and x.flags.c_contiguous:
         # reshape(-1) of a contiguous array is a view, so axpy writes y itself
         axpy(x.reshape(-1), y.reshape(-1), a=a)
