@@ -38,7 +38,6 @@ step on processes is one task, the three phases above with a barrier
 between each two (allgather), where the processes swap the figures the next
 phase needs: one hand-off a step instead of three.
 """
-import contextlib
 import ctypes
 import mmap
 import os
@@ -108,25 +107,29 @@ def _set_blas_threads(counts):
 _held = threading.local()   # .depth: how many one_blas_thread blocks this thread is in
 
 
-@contextlib.contextmanager
-def one_blas_thread():
-    """Within the block, OpenBLAS uses one thread (where it can be told); the old count comes back after.
+class one_blas_thread:
+    """with one_blas_thread(): within the block, OpenBLAS uses one thread (where it can be told);
+    the old count comes back after.
 
     Every OpenBLAS found (NumPy's and SciPy's) is held. In NumPy's build the
     count is the whole process's, so the block must cover everything that
-    should run on one BLAS thread. A block inside another costs nothing: the
-    outer one holds the count already (a training epoch holds it once for
-    all its steps, see make_step's step.session).
+    should run on one BLAS thread. A block inside another costs next to
+    nothing: the outer one holds the count already (a training epoch holds
+    it once for all its steps, see make_step's step.session). A class, not
+    a generator with contextlib: a training step enters one, and this is
+    cheaper. Each with statement takes a one_blas_thread() of its own.
     """
-    depth = getattr(_held, "depth", 0)
-    previous = _set_blas_threads(1) if depth == 0 else None
-    _held.depth = depth + 1
-    try:
-        yield
-    finally:
-        _held.depth = depth
-        if previous is not None:
-            _set_blas_threads(previous)
+    __slots__ = ("_depth", "_previous")
+
+    def __enter__(self):
+        self._depth = depth = getattr(_held, "depth", 0)
+        self._previous = _set_blas_threads(1) if depth == 0 else None
+        _held.depth = depth + 1
+
+    def __exit__(self, *exc_info):
+        _held.depth = self._depth
+        if self._previous is not None:
+            _set_blas_threads(self._previous)
 
 
 def blas_threads():
