@@ -106,6 +106,7 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
     for _ in range(repeats):  # interleaved, so both see the same machine state
         epoch_t.append(_median_time(epoch, 1)[0])
         floor_t.append(_median_time(floor_fn, 1)[0])
+    step.close()   # no idle helpers while the next benchmark runs
     t, f = statistics.median(epoch_t), statistics.median(floor_t)
     return {"name": name, "seconds": t, "floor_seconds": f, "ratio": t / f,
             "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source,

@@ -253,7 +253,9 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
 
     step.session() is a context for many steps in a row (a training epoch):
     a split step keeps OpenBLAS to one thread per core, and the session
-    sets that once instead of at every step.
+    sets that once instead of at every step. step.close() stops the helper
+    threads or processes (a later step starts new ones): forked helpers
+    hold the memory they share with this process until they end.
     """
     Z = model.z_dim
     n = parallel.resolve_threads(threads)
@@ -328,6 +330,7 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         def step(x, beta, rng, index=None, next_index=None):   # no helpers: nothing to gather ahead
             return serial_step(_minibatch(x, index, next_index), beta, rng)
         step.session = contextlib.nullcontext   # BLAS keeps its own threads
+        step.close = lambda: None
         return step
     if use == "processes":
         step = _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
@@ -335,8 +338,7 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         step.session = parallel.one_blas_thread
         return step
 
-    workers = parallel.Workers(n)
-    held = {"batch": None}
+    held = {"batch": None, "workers": None}
 
     def step(x, beta, rng, index=None, next_index=None):   # threads gather their rows at once
         rows = _minibatch(x, index, next_index)
@@ -345,7 +347,9 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
             return serial_step(rows, beta, rng)
         if held["batch"] is None or B > held["batch"].capacity:
             held["batch"] = split_batch(B)
-        batch = held["batch"]
+        if held["workers"] is None:
+            held["workers"] = parallel.Workers(n)
+        batch, workers = held["batch"], held["workers"]
         noise = prepare.noise(rng)
         eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
         parts = workers.run([functools.partial(forward_backward, r, rows[a:b], noise, a, eps[a:b], B, beta, batch)
@@ -353,7 +357,12 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
         sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
         g2 = sum(workers.run([functools.partial(weight_grads, batch, a, b, B) for a, b in grad_ranges]))
         return finish(sums, g2, lambda: optimizer.step(model.grads, workers))
-    step.session = parallel.one_blas_thread
+
+    def close():
+        workers, held["workers"] = held["workers"], None
+        if workers is not None:
+            workers.close()
+    step.session, step.close = parallel.one_blas_thread, close
     return step
 
 
@@ -453,6 +462,13 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
         with parallel.one_blas_thread():   # each process keeps to one core
             return processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF, t, lr)
                                      for a, b in [(own, B)] + list(zip(cuts, cuts[1:-1]))], before)[0]
+
+    def close():   # the next step makes new buffers and helpers
+        processes = pool.pop("processes", None)
+        pool["capacity"], pool["gathered"] = 0, None
+        if processes is not None:
+            processes.close()
+    step.close = close
     return step
 
 
@@ -619,7 +635,7 @@ class Trainer:
             signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread: Ctrl-C handling stays as it was
             previous = None
-        try:
+        try:   # the step's helpers end with the run: a forked helper holds what it shares with us
             while self.epoch < last:
                 if self._stop_early():
                     self.log(f"stopping early: no better validation ELBO for {c.patience} epochs")
@@ -631,6 +647,7 @@ class Trainer:
                     return "interrupted"
             return "done"
         finally:
+            self._step.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 

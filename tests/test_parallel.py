@@ -616,6 +616,44 @@ def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
         step(x, 1.0, rng, index=np.array([0.5, 1.5]))
 
 
+def _children():
+    """The pids of this process's child processes (Linux)."""
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:   # a thread that has ended since the listing
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
+                                              pytest.param(2, "processes", marks=needs_processes)])
+def test_closing_a_step_ends_its_helpers_and_the_next_step_starts_new_ones(threads, backend):
+    """step.close() between steps: the helper processes are gone, and the steps are bit for bit
+    those of a step never closed."""
+    x, index = grey_rows(40), np.arange(3, 14)
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
+    out = []
+    for closing in (False, True):
+        m = small_vae(shared=True)
+        step = make_step(m, Adam(m.params, lr=0.05), prepare, threads=threads, backend=backend)
+        rng = np.random.default_rng(3)
+        sums, before = [], _children()
+        for _ in range(3):
+            with step.session():
+                sums.append(step(x, 1.0, rng, index=index, next_index=index))
+            helpers = _children() - before
+            assert len(helpers) == (threads - 1 if backend == "processes" else 0)
+            if closing:
+                step.close()
+                assert not helpers & _children()   # ended and reaped
+                step.close()                       # a second close does nothing
+        out.append((sums, m.flat_params.copy()))
+    assert out[0][0] == out[1][0] and np.array_equal(out[0][1], out[1][1])
+
+
 @pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
                                               pytest.param(2, "processes", marks=needs_processes)])
 def test_a_step_on_no_rows_is_refused_and_changes_nothing(threads, backend):
@@ -713,7 +751,9 @@ def test_training_with_processes_repeats_training_with_threads_bit_for_bit(tmp_p
     for backend in ("threads", "processes"):
         t = Trainer(TrainConfig(**config), tmp_path / backend, quiet=True, threads=2, backend=backend)
         assert t.model.shared == (backend == "processes")
+        before = _children()
         t.run()
+        assert _children() <= before   # the run's helper processes ended with it
         finals[backend] = t.model.flat_params.copy(), t.history["valid_elbo"]
     assert np.array_equal(finals["threads"][0], finals["processes"][0])
     assert finals["threads"][1] == finals["processes"][1]

@@ -142,7 +142,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
         if len(calls) == 17:   # in the middle of the second epoch (12 steps per epoch)
             t._on_sigint(signal.SIGINT, None)
         return sums
-    step_then_interrupt.session = original.session
+    step_then_interrupt.session, step_then_interrupt.close = original.session, original.close
     t._step = step_then_interrupt
     assert t.run() == "interrupted"
     state = ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")
