@@ -616,6 +616,13 @@ def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
         step(x, 1.0, rng, index=np.array([0.5, 1.5]))
 
 
+def _grey_step(threads, backend):
+    """(a shared small model, a step on it with Adam at lr 0.05 and dynamic binarization of grey rows)."""
+    m = small_vae(shared=True)
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
+    return m, make_step(m, Adam(m.params, lr=0.05), prepare, threads=threads, backend=backend)
+
+
 def _children():
     """The pids of this process's child processes (Linux)."""
     pids = set()
@@ -634,11 +641,9 @@ def test_closing_a_step_ends_its_helpers_and_the_next_step_starts_new_ones(threa
     """step.close() between steps: the helper processes are gone, and the steps are bit for bit
     those of a step never closed."""
     x, index = grey_rows(40), np.arange(3, 14)
-    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
     out = []
     for closing in (False, True):
-        m = small_vae(shared=True)
-        step = make_step(m, Adam(m.params, lr=0.05), prepare, threads=threads, backend=backend)
+        m, step = _grey_step(threads, backend)
         rng = np.random.default_rng(3)
         sums, before = [], _children()
         for _ in range(3):
@@ -685,11 +690,9 @@ def test_next_index_is_a_hint_that_changes_nothing(threads, backend):
     # index but given with another x; right but larger than the buffers; right again after new buffers
     calls = [(x, i[0], i[1]), (x, i[1], i[2]), (x, i[0], np.array([3, 40])), (x, i[2], i[3]),
              (other, i[3], i[4]), (x, i[4], i[3]), (x, i[3], i[0]), (x, i[0], None)]
-    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
     out = []
     for hinted in (False, True):
-        m = small_vae(shared=True)
-        step = make_step(m, Adam(m.params, lr=0.05), prepare, threads=threads, backend=backend)
+        m, step = _grey_step(threads, backend)
         rng = np.random.default_rng(7)
         with step.session():
             sums = [step(xs, 1.0, rng, index=index, next_index=after if hinted else None)
