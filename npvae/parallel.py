@@ -456,8 +456,8 @@ class Processes:
             if spins % 1000 == 0:
                 if ctl[0, FAILED] == seq:
                     raise _Abandoned("the main process failed before it released the helpers")
-                if spins % 20000 == 0 and (os.getppid() != self._parent or ctl[j, SEQ] != seq):
-                    raise _Abandoned("the main process has gone, or stopped the helpers")
+                if spins % 20000 == 0:
+                    self._check_main(j)
 
     def _check_waiting(self, j, i, arrived, spins):
         """Process j, waiting at a barrier for process i: raise if i will not come."""
@@ -469,8 +469,13 @@ class Processes:
         if spins % 20000 == 0:
             if j == 0 and i > 0:
                 self._check_alive(i)
-            elif j > 0 and (os.getppid() != self._parent or ctl[j, SEQ] != seq):
-                raise _Abandoned("the main process has gone, or stopped the helpers")
+            elif j > 0:
+                self._check_main(j)
+
+    def _check_main(self, j):
+        """Helper j, waiting inside a task: raise if the main process has gone or stopped the helpers."""
+        if os.getppid() != self._parent or self._ctl[j, SEQ] != self._seq:
+            raise _Abandoned("the main process has gone, or stopped the helpers")
 
     def _result(self, j):
         """Wait for helper j's task: (True, result tuple) or (False, its exception)."""
