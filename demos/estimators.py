@@ -28,6 +28,7 @@ import numpy as np
 
 from npvae import data as datasets
 from npvae import evaluate, plots
+from npvae.engine.evaluate import log_likelihood, log_likelihood_prior   # evaluate's, with the examples split over threads
 from npvae.train import TrainConfig, Trainer
 
 DATASET = "binarized-mnist"
@@ -76,8 +77,8 @@ def main():
     results = []
     for i, xi in enumerate(x):
         t = time.perf_counter()
-        with_q = spread(model, xi, ks, repeats, rng, evaluate.log_likelihood)
-        prior = spread(model, xi, ks, repeats, rng, evaluate.log_likelihood_prior)
+        with_q = spread(model, xi, ks, repeats, rng, log_likelihood)
+        prior = spread(model, xi, ks, repeats, rng, log_likelihood_prior)
         results.append((with_q, prior))
         print(f"\ntest image {IMAGES[i]}: exact log p(x) = {exact[i]:.2f}, ELBO = {elbo[i]:.2f} nats "
               f"({time.perf_counter() - t:.1f} s)")

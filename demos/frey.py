@@ -26,6 +26,7 @@ import numpy as np
 
 from npvae import data as datasets
 from npvae import evaluate, plots
+from npvae.engine.evaluate import log_likelihood   # evaluate's, with the examples split over threads
 from npvae.train import TrainConfig, Trainer
 
 DATASET = "frey"
@@ -81,7 +82,7 @@ def main():
         # neighbours in the training set; the test frames are the video's tail and have none.
         print("(below the validation ELBO: the test faces are the last 10% of the video, held out whole)")
     if not args.quick:
-        log_px = evaluate.log_likelihood(model, x_test, k=K_LOG_PX, rng=rng)
+        log_px = log_likelihood(model, x_test, k=K_LOG_PX, rng=rng)
         print(f"test log p(x), importance sampling with K = {K_LOG_PX}: {log_px.mean():.2f} nats per image")
     if x_sigma is None:
         _, log_sigma = model.decode(np.zeros((1, 2), model.dtype))

@@ -22,6 +22,7 @@ import numpy as np
 
 from npvae import data as datasets
 from npvae import evaluate, plots
+from npvae.engine.evaluate import log_likelihood   # evaluate's, with the examples split over threads
 from npvae.train import TrainConfig, Trainer, prepare_batch
 
 DATASET = "mnist"
@@ -94,7 +95,7 @@ def main():
     active, _ = evaluate.active_units(model, x_test)
     print(f"active units of the Z = {Z_DIM} model (Var_x mu_j > 0.01): {active} of {Z_DIM}")
     if not args.quick:
-        log_px = evaluate.log_likelihood(model, x_test[:N_LOG_PX], k=K_LOG_PX, rng=np.random.default_rng(SEED))
+        log_px = log_likelihood(model, x_test[:N_LOG_PX], k=K_LOG_PX, rng=np.random.default_rng(SEED))
         print(f"test log p(x) of the Z = {Z_DIM} model, importance sampling with K = {K_LOG_PX} "
               f"on {N_LOG_PX} images: {log_px.mean():.2f} nats")
     print("\nwrote", *paths, sep="\n  ")

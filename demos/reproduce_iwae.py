@@ -29,7 +29,7 @@ longer schedule has at the current epoch (a warm restart), then falls to 1e-4 ag
 import os
 
 # One BLAS thread unless told otherwise. Training and the log p(x) estimates split their work
-# over threads="auto" (npvae.parallel): two threads where the process may use two cores. To run
+# over threads="auto" (npvae.engine.parallel): two threads where the process may use two cores. To run
 # the VAE and the IWAE side by side, give each its own core (e.g. `taskset -c 0 python ...`),
 # which makes "auto" one thread, so the two runs do not share cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -43,7 +43,7 @@ import numpy as np
 
 from npvae import checkpoint as ckpt
 from npvae import data as datasets
-from npvae import evaluate
+from npvae.engine.evaluate import log_likelihood   # evaluate's, with the examples split over threads
 from npvae.train import TrainConfig, Trainer, learning_rate, test_set
 
 PAPER = {1: -86.76, 5: -85.54, 50: -84.78}   # Burda et al. (2015), Table 1, MNIST, one stochastic layer
@@ -141,7 +141,7 @@ def main():
             return 130 if status == "interrupted" else 0
         train_seconds += seconds
         t = time.perf_counter()
-        log_px = evaluate.log_likelihood(model, x_test[:stage_n], k=stage_k, rng=np.random.default_rng([0, 8]))
+        log_px = log_likelihood(model, x_test[:stage_n], k=stage_k, rng=np.random.default_rng([0, 8]))
         test_mean, test_sem = mean_and_sem(log_px)
         row = dict(stage=i + 1, end_epoch=end, lr=lr, valid_elbo=trainer.history["valid_elbo"][-1],
                    test_log_px=test_mean, test_log_px_sem=test_sem, test_n=len(log_px), test_k=stage_k,
@@ -160,7 +160,7 @@ def main():
     # The final figure: the best checkpoint by validation ELBO, as `npvae eval` scores it.
     best = ckpt.load(run, "best")
     t = time.perf_counter()
-    log_px = evaluate.log_likelihood(best, x_test, k=final_k, rng=np.random.default_rng([0, 6]))
+    log_px = log_likelihood(best, x_test, k=final_k, rng=np.random.default_rng([0, 6]))
     final_mean, final_sem = mean_and_sem(log_px)
     log["final"] = dict(test_log_px=final_mean, test_log_px_sem=final_sem, n=len(log_px), k=final_k,
                         seconds=time.perf_counter() - t, train_seconds=train_seconds,

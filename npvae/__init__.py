@@ -1,7 +1,8 @@
 """npvae: a variational autoencoder in NumPy, every gradient written by hand.
 
-Reading order: layers -> distributions -> model -> optim -> gradcheck ->
-data -> train -> evaluate -> cli.
+Reading order, the reference first: layers -> distributions -> model ->
+optim -> evaluate -> gradcheck -> data -> train -> checkpoint -> cli. Then
+npvae.engine, read after the rest: how it is made fast.
 """
 from .model import VAE
 from .optim import SGD, Adam
@@ -17,6 +18,7 @@ def __getattr__(name):
         from .checkpoint import load
         return load
     if name == "log_likelihood":
-        from .evaluate import log_likelihood
+        # the engine's: npvae.evaluate.log_likelihood with the examples split over threads
+        from .engine.evaluate import log_likelihood
         return log_likelihood
     raise AttributeError(f"module 'npvae' has no attribute {name!r}")

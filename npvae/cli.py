@@ -10,7 +10,9 @@ import math
 import sys
 from pathlib import Path
 
-from .parallel import BACKENDS
+from .engine.parallel import BACKENDS
+
+ENGINES = ("fast", "reference")   # as npvae.train.ENGINES, without importing training here
 
 
 class UsageError(Exception):
@@ -84,7 +86,7 @@ def cmd_train(args):
         if args.out:
             raise UsageError("--out and --resume exclude each other (a resumed run stays in its directory)")
         trainer = Trainer.resume(args.resume, epochs=args.epochs, quiet=args.quiet, data_dir=args.data_dir,
-                                 threads=args.threads, backend=args.backend)
+                                 threads=args.threads, backend=args.backend, engine=args.engine)
     else:
         fields = {f: getattr(args, f) for f in (
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
@@ -99,7 +101,8 @@ def cmd_train(args):
         if (out / "config.json").exists():
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} "
                              f"or choose another directory")
-        trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads, backend=args.backend)
+        trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads, backend=args.backend,
+                          engine=args.engine or "fast")
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
                     f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
                     f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
@@ -151,6 +154,7 @@ def cmd_eval(args):
     import numpy as np
 
     from . import evaluate
+    from .engine.evaluate import log_likelihood
     model, run_config = _load_run(args.run, args.which)
     from .train import TrainConfig, test_set
     x = test_set(TrainConfig.from_dict(run_config["train"]), model, args.data_dir, args.seed)
@@ -161,9 +165,9 @@ def cmd_eval(args):
     result["z_dim"] = model.z_dim
     if args.k is not None:
         t = time.perf_counter()
-        log_px = evaluate.log_likelihood(model, x, k=args.k, rng=np.random.default_rng([args.seed, 6]),
-                                         progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"),
-                                         threads=args.threads)
+        log_px = log_likelihood(model, x, k=args.k, rng=np.random.default_rng([args.seed, 6]),
+                                progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"),
+                                threads=args.threads)
         result["log_likelihood"] = float(np.mean(log_px))
         result["log_likelihood_sem"] = float(np.std(log_px) / np.sqrt(len(log_px)))
         result["k"] = args.k
@@ -213,7 +217,7 @@ def cmd_plot(args):
 
 
 def cmd_bench(args):
-    from . import bench
+    from .engine import bench
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
                         memory=not args.no_memory, threads=args.threads, runs=args.runs,
                         backend=args.backend)
@@ -262,11 +266,15 @@ def build_parser():
     p.add_argument("--n-train", type=positive_int, help="use only the first N training examples")
     p.add_argument("--patience", type=positive_int, help="early stopping: epochs without improvement")
     p.add_argument("--no-init-bias", action="store_true", help="do not start the decoder at the data mean")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="fast (the default: npvae.engine, a minibatch shared by threads or processes) or "
+                        "reference (npvae.model and npvae.optim in the textbook loop, one Python thread); "
+                        "--resume keeps the run's own unless told")
     p.add_argument("--threads", type=_threads, default="auto",
-                   help="threads that share each minibatch (default auto: 2 where NumPy's OpenBLAS allows, "
-                        "else 1); runs agree to float rounding, and a fixed count repeats bit for bit")
+                   help="fast engine: threads that share each minibatch (default auto: 2 where NumPy's OpenBLAS "
+                        "allows, else 1); runs agree to float rounding, and a fixed count repeats bit for bit")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="how training shares a minibatch: threads, or helper processes (Linux x86-64; "
+                   help="fast engine: how a minibatch is shared: threads, or helper processes (Linux; "
                         "no shared interpreter lock); default auto: processes where they work")
     p.add_argument("--seed", type=int, help="seed for everything random (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")

@@ -43,9 +43,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import operator
 import os
-import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -195,106 +193,23 @@ def to_float(x, dtype=np.float32):
 
 
 def binarize(x, rng=None, threshold=None):
-    """Binary x: x (B, D) float in [0, 1] -> (B, D) same dtype, Bernoulli(x) draws, or x > threshold.
+    """Binary x: x (B, D) float in [0, 1] -> (B, D) same dtype: Bernoulli(x) draws from rng, or x > threshold.
 
-    The draws are binarize_rows(x, binarize_key(rng)): one key from rng per call.
+    A fresh draw for every minibatch is dynamic binarization: the model never
+    sees the same binary image twice, which stops it overfitting one fixed
+    sample (Burda et al. 2015). Pixel d is on when u_d < x_d, u_d uniform on [0, 1).
     """
     _check_probabilities(x)
     if threshold is not None:
         return (x > threshold).astype(x.dtype)
-    return binarize_rows(x, binarize_key(rng))
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"binarize needs rng=np.random.Generator when threshold is None, got {type(rng).__name__}")
+    return (rng.random(x.shape, dtype=x.dtype) < x).astype(x.dtype)
 
 
 def _check_probabilities(x):
     if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64) or x.ndim != 2:
-        raise TypeError(f"binarize expects a 2-D float32 or float64 array (see to_float), got {_describe(x)}")
-
-
-def binarize_key(rng):
-    """The seed of one minibatch's binarization noise, drawn from rng (an int below 2^63).
-
-    The top 63 bits of one raw 64-bit draw of rng's bit generator: the same
-    kind of number as rng.integers(2**63), for a tenth of the call's cost
-    (a training step draws one).
-    """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"binarize needs rng=np.random.Generator when threshold is None, got {type(rng).__name__}")
-    return int(rng.bit_generator.random_raw()) >> 1
-
-
-_STREAMS = threading.local()   # _row_words' PCG64, one per thread (threads binarize their rows at once)
-_PCG64_INC = 0x5851F42D4C957F2D14057B7EF767814F   # pcg-cpp's default increment (odd, as PCG needs)
-
-
-def _row_words(key, first_row, b, D, dtype):
-    """(b, D) random words of an unsigned dtype (uint16, uint32) for rows first_row, ..., first_row + b - 1.
-
-    Row r's words are its own stretch of the PCG64 stream of key (the one
-    whose 128-bit state starts at key * 2^64 + key): ceil(D / w) 64-bit
-    draws of w words each, starting r times that many draws in. So a block
-    of rows gets exactly the words the whole batch would.
-    """
-    try:
-        key = operator.index(key)
-    except TypeError:
-        raise TypeError(f"key must be an integer, got {type(key).__name__}") from None
-    if not 0 <= key < 2**64:
-        raise ValueError(f"key must be an integer in [0, 2^64), got {key}")
-    per_draw = 8 // np.dtype(dtype).itemsize
-    per_row = -(-D // per_draw)                # 64-bit draws per row
-    stream = getattr(_STREAMS, "pcg64", None)
-    if stream is None:
-        stream = _STREAMS.pcg64 = np.random.PCG64(0)
-    # Setting a PCG64's state costs about an eighth of making one (which hashes its seed):
-    # one per thread, started afresh for each call.
-    stream.state = {"bit_generator": "PCG64", "state": {"state": key << 64 | key, "inc": _PCG64_INC},
-                    "has_uint32": 0, "uinteger": 0}
-    stream.advance(first_row * per_row)
-    return stream.random_raw(b * per_row).view(dtype).reshape(b, per_draw * per_row)[:, :D]
-
-
-def binarize_rows(x, key, first_row=0):
-    """Bernoulli(x) draws for rows first_row, first_row + 1, ... of a minibatch whose noise seed is key.
-
-    A fresh draw every minibatch is dynamic binarization: the model never
-    sees the same binary image twice, which stops it overfitting one fixed
-    sample (Burda et al. 2015). Pixel d of row r is on when u < x, with u
-    uniform on [0, 1) in steps of 2^-24 (as NumPy's float32 Generator.random):
-    the top 24 bits of the d-th 32-bit word of row r's own stretch of the
-    stream (_row_words), so a process that binarizes only rows [a, b)
-    (first_row = a) draws exactly what one pass over the whole batch would,
-    with no other process's help.
-    """
-    _check_probabilities(x)
-    words = _row_words(key, first_row, *x.shape, np.uint32)
-    u = np.right_shift(words, 8).astype(x.dtype)
-    u *= 2.0 ** -24
-    return np.less(u, x).astype(x.dtype)
-
-
-def binarize_bytes(x, key, first_row=0, dtype=np.float32, out=None):
-    """binarize_rows for grey levels stored as bytes: x (b, D) uint8 -> (b, D) dtype, Bernoulli(k/255) draws.
-
-    The same scheme in integers, at 16 bits instead of 24: pixel d of row r
-    is on when w < 257 k or k = 255, with w the d-th 16-bit word of row r's
-    own stretch of the stream (_row_words). So k = 0 is never on, k = 255 always,
-    and otherwise P(on) = 257 k / 65536 = (k/255)(1 - 2^-16), within 2^-16
-    of k/255. Four pixels a 64-bit draw instead of two, and no pass in
-    floats but the last: about half the time of to_float and binarize_rows.
-    A block of rows draws what the whole does. out: a (b, D) array of dtype
-    to write the draws into (and return), instead of a new one.
-    """
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
-        raise TypeError(f"binarize_bytes expects a 2-D uint8 array of grey levels, got {_describe(x)}")
-    if out is not None and (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != dtype):
-        raise ValueError(f"out must be a {np.dtype(dtype)} array of shape {x.shape}, got {_describe(out)}")
-    words = _row_words(key, first_row, *x.shape, np.uint16)
-    on = np.less(words, np.multiply(x, np.uint16(257), dtype=np.uint16))
-    on |= np.equal(x, 255)                     # 257 * 255 = 65535: w = 65535 is not below it
-    if out is None:
-        return on.astype(dtype)
-    np.copyto(out, on)
-    return out
+        raise TypeError(f"binarize: x must be a 2-D float32 or float64 array of probabilities (see to_float), got {_describe(x)}")
 
 
 def split_validation(dataset, n_valid, seed):

@@ -55,47 +55,38 @@ def _expand(d, like):
 
 # --- reparameterization -------------------------------------------------------
 
-# The functions below take sigma = std(log_sigma) and in_range = _in_range(log_sigma)
-# as optional arguments: a model that calls several of them on one q(z|x)
-# computes each once (VAE.forward, VAE.backward) instead of once per call.
-
-def reparameterize(mu, log_sigma, eps, sigma=None):
+def reparameterize(mu, log_sigma, eps):
     """z = mu + sigma * eps: mu, log_sigma, eps (B, Z) -> z (B, Z)."""
-    sigma = std(log_sigma) if sigma is None else sigma
-    return mu + sigma * eps
+    return mu + std(log_sigma) * eps
 
 
-def reparameterize_grad(dz, log_sigma, eps, sigma=None, in_range=None):
+def reparameterize_grad(dz, log_sigma, eps):
     """dz (B, Z) -> (dmu, dlog_sigma), each (B, Z).
 
     Local derivative: dz/dmu = 1, dz/dlog_sigma = sigma * eps.
     """
-    sigma = std(log_sigma) if sigma is None else sigma
-    in_range = _in_range(log_sigma) if in_range is None else in_range
-    return dz, dz * sigma * eps * in_range
+    return dz, dz * std(log_sigma) * eps * _in_range(log_sigma)
 
 
 # --- KL divergences -------------------------------------------------------------
 
-def kl_standard_normal(mu, log_sigma, sigma=None):
+def kl_standard_normal(mu, log_sigma):
     """KL(N(mu, sigma^2) || N(0, I)) per example: (B, Z), (B, Z) -> (B,).
 
     KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - 2 log sigma_j).
     """
-    log_sigma = clip_log_sigma(log_sigma)
-    sigma = np.exp(log_sigma) if sigma is None else sigma   # std(), on the clipped log_sigma at hand
-    return 0.5 * np.sum(mu * mu + sigma * sigma - 1.0 - 2.0 * log_sigma, axis=-1)
+    sigma = std(log_sigma)
+    return 0.5 * np.sum(mu * mu + sigma * sigma - 1.0 - 2.0 * clip_log_sigma(log_sigma), axis=-1)
 
 
-def kl_standard_normal_grad(dkl, mu, log_sigma, sigma=None, in_range=None):
+def kl_standard_normal_grad(dkl, mu, log_sigma):
     """dkl (B,) -> (dmu, dlog_sigma), each (B, Z).
 
     Local derivative: dKL/dmu = mu, dKL/dlog_sigma = sigma^2 - 1.
     """
-    sigma = std(log_sigma) if sigma is None else sigma
-    in_range = _in_range(log_sigma) if in_range is None else in_range
+    sigma = std(log_sigma)
     dkl = _expand(dkl, mu)
-    return dkl * mu, dkl * (sigma * sigma - 1.0) * in_range
+    return dkl * mu, dkl * (sigma * sigma - 1.0) * _in_range(log_sigma)
 
 
 def kl_diag_gaussians(mu_q, log_sigma_q, mu_p, log_sigma_p):
@@ -125,11 +116,23 @@ def kl_diag_gaussians_grad(dkl, mu_q, log_sigma_q, mu_p, log_sigma_p):
     return dmu_q, dlog_sigma_q, -dmu_q, dlog_sigma_p
 
 
-# --- log densities of Gaussians (for importance sampling) -----------------------
+# --- log densities of Gaussians ------------------------------------------------
 
 def standard_normal_log_prob(z):
     """log N(z; 0, I) per example: (..., Z) -> (...)."""
     return -0.5 * np.sum(z * z, axis=-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+def log_q_reparameterized(eps, log_sigma):
+    """log q(z|x) = log N(z; mu, diag(sigma^2)) at z = mu + sigma * eps: eps (..., Z), log_sigma
+    broadcastable to it -> (...).
+
+    (z - mu) / sigma is eps exactly, so the density needs no division:
+    log q = sum_j [-eps_j^2 / 2 - log sigma_j - log(2 pi) / 2]. Held at fixed
+    eps, its derivatives are plain: d/dmu = 0, d/dlog_sigma_j = -1 (inside the clip).
+    """
+    log_sigma = np.broadcast_to(clip_log_sigma(log_sigma), eps.shape)
+    return np.sum(-0.5 * eps * eps - log_sigma, axis=-1) - 0.5 * eps.shape[-1] * LOG_2PI
 
 
 def gaussian_log_prob(x, mu, log_sigma):
@@ -166,98 +169,38 @@ def gaussian_fixed_log_prob_grad(dlogp, x, mu, sigma):
 
 # --- Bernoulli from logits --------------------------------------------------------
 
-# Below these, e^l is finite in the dtype (float32 overflows at l = 88.7, float64 at 709.8).
-_EXP_SAFE = {np.dtype(np.float32): 80.0, np.dtype(np.float64): 700.0}
+def softplus(l):
+    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...).
 
-
-def softplus(l, out=None):
-    """log(1 + e^l) elementwise, finite for every finite l: (...) -> (...); out: a buffer other than l.
-
-    When every l is below the dtype's overflow point of e^l (one cheap max over
-    the array tells), it is log(1 + e^l) as written: three passes. Otherwise
-    max(l, 0) + log(1 + e^-|l|), whose exponent is never positive. Both round
-    alike: for l < 0 they are the same operations, and for l > 0 each is off by
-    a few ulp of the result. exp and log are NumPy's vectorized fast paths
-    (np.logaddexp and np.log1p are several times slower). In float32, for l
-    below ~-17 the result rounds to 0, an absolute error below 1e-7.
+    Written as max(l, 0) + log(1 + e^-|l|), whose exponent is never positive,
+    so e^-|l| cannot overflow; log1p keeps the precision where it is tiny.
+    (np.logaddexp(0, l) is the same number at several times the cost.)
     """
-    limit = _EXP_SAFE.get(l.dtype)
-    if limit is not None and l.size and np.max(l) < limit:   # NaN fails the test and takes the path below
-        t = np.exp(l, out=out)
-        t += 1.0
-        return np.log(t, out=t)
-    t = np.abs(l, out=out)
-    np.negative(t, out=t)
-    np.exp(t, out=t)
-    t += 1.0
-    np.log(t, out=t)
-    t += np.maximum(l, 0.0)
-    return t
+    return np.maximum(l, 0) + np.log1p(np.exp(-np.abs(l)))
 
 
-def bernoulli_log_prob(x, logits, softplus_logits=None):
+def bernoulli_log_prob(x, logits):
     """log Bernoulli(x; sigmoid(logits)) per example: (..., D) each -> (...).
 
     log p = sum_d [x_d l_d - softplus(l_d)], which is finite for any finite
-    logits and for grey-level x in [0, 1] is the cross-entropy. softplus_logits
-    may pass softplus(logits) when the caller has it already.
+    logits and for grey-level x in [0, 1] is the cross-entropy.
     """
-    sp = softplus(logits) if softplus_logits is None else softplus_logits
-    return _row_dot(x, logits) - np.sum(sp, axis=-1)
+    return np.sum(x * logits - softplus(logits), axis=-1)
 
 
-def _row_dot(a, b):
-    """sum_d a_d b_d: (..., D), (..., D) -> (...), as a (1, D) x (D, 1) matrix product per row
-    (BLAS's dot: faster than einsum on a training step's shapes, and no (..., D) temporary)."""
-    return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
+def sigmoid(l):
+    """1 / (1 + e^-l) elementwise: (...) -> (...), written as (1 + tanh(l / 2)) / 2.
 
-
-def bernoulli_log_prob_and_exp(x, logits):
-    """(log Bernoulli(x; sigmoid(logits)) per example, e^logits, 1 + e^logits): a forward whose backward follows.
-
-    The same log p as bernoulli_log_prob, summed differently: with t = 1 + e^l,
-    sum_d softplus(l_d) = sum_d log t_d = the sum of logs of products of
-    2, 4 or 8 t's, one log per group (log and exp are the costly passes). A
-    group is as large as keeps its product finite: t < e^(l + 1), so g
-    factors stay below e^(g (max l + 1)), and g (max l + 1) must stay below
-    the dtype's overflow point of e^l. e^l and t are kept for the gradient,
-    where sigmoid(l) = e^l / t then costs one division instead of another exp.
-    With the largest logits too large even for pairs: softplus, and None, None.
+    The same function (tanh(u) = (1 - e^-2u) / (1 + e^-2u)), but tanh
+    saturates at +-1 instead of overflowing, and NumPy's tanh is several
+    times faster than scipy.special.expit in float32. Its absolute error is
+    an ulp of 1; for l below about -17 (float32) it rounds to 0, where expit
+    keeps the tiny value: no gradient here can tell (x - sigmoid(l) is
+    summed with x in [0, 1]).
     """
-    limit = _EXP_SAFE.get(logits.dtype)
-    # np.max, without its Python wrapper's cost
-    top = max(float(np.maximum.reduce(logits, axis=None)), 0.0) if limit is not None and logits.size else math.nan
-    if not 2 * (top + 1.0) < limit:   # NaN too (max(nan, 0.0) is nan)
-        return bernoulli_log_prob(x, logits), None, None
-    e = np.exp(logits)
-    t = products = e + 1.0
-    log_t_sum = 0.0
-    group = 1
-    while group < 8 and 2 * group * (top + 1.0) < limit:   # at least once: 2 (top + 1) < limit
-        if products.shape[-1] % 2:           # an odd column out: its own log
-            log_t_sum = log_t_sum + np.log(products[..., -1])
-        h = products.shape[-1] // 2
-        products = np.multiply(products[..., :h], products[..., h:2 * h])   # groups twice as large
-        group *= 2
-    log_t_sum = log_t_sum + np.add.reduce(np.log(products, out=products), axis=-1)   # not t: a new array
-    return _row_dot(x, logits) - log_t_sum, e, t
+    return 0.5 * (1.0 + np.tanh(0.5 * l))
 
 
-def bernoulli_log_prob_grad(dlogp, x, logits, softplus_logits=None, exp_logits=None, one_plus_exp=None):
-    """dlogp (B,) -> dlogits (B, D). Local derivative: d/dl = x - sigmoid(l).
-
-    sigmoid(l) = e^l / (1 + e^l) when the forward passes exp_logits, and
-    one_plus_exp = 1 + e^l if it has that too (see bernoulli_log_prob_and_exp),
-    else exp(l - softplus(l)), which reuses a softplus the forward has; exp
-    is cheaper than scipy.special.expit.
-    """
-    if exp_logits is not None:
-        d = np.add(exp_logits, 1.0) if one_plus_exp is None else one_plus_exp
-        d = np.divide(exp_logits, d)             # sigmoid(l), in a new array
-    else:
-        d = softplus(logits) if softplus_logits is None else softplus_logits
-        d = np.subtract(logits, d)
-        np.exp(d, out=d)                         # sigmoid(l)
-    np.subtract(x, d, out=d)
-    d *= _expand(dlogp, logits)
-    return d
+def bernoulli_log_prob_grad(dlogp, x, logits):
+    """dlogp (B,) -> dlogits (B, D). Local derivative: d/dl = x - sigmoid(l)."""
+    return _expand(dlogp, logits) * (x - sigmoid(logits))

@@ -18,16 +18,13 @@ Shapes: N examples, B a batch of them, D data, H hidden, Z latent, K importance
 samples, G grid points. Values are in nats per example.
 """
 import dataclasses
-import functools
 import math
-import threading
 
 import numpy as np
 from scipy.special import logsumexp, ndtr
 
 from . import distributions as dist
-from . import parallel
-from .model import _check_positive_int
+from .model import _all_samples, _check_positive_int, _per_sample
 from .optim import Adam
 
 # Upper bound on the entries of one (rows, width) array of a network pass, width
@@ -117,26 +114,11 @@ def _encode_q(model, x, q, s):
     return model._encode(x[s]) if q is None else (q[0][s], q[1][s])
 
 
-def _bernoulli_log_px_z(x, logits, work):
-    """log p(x|z) for x (b, D) and logits (b, K, D) -> (b, K): sum_d [x_d l_d - softplus(l_d)].
-
-    distributions.bernoulli_log_prob, with softplus(logits) written into
-    `work`, a buffer of at least logits.size floats reused from chunk to chunk:
-    the likelihood is the bulk of the work after the matrix products, and a
-    fresh (b, K, D) array per chunk costs page faults (~15% of the run time
-    for K = 5000 on MNIST).
-    """
-    sp = dist.softplus(logits, out=work[:logits.size].reshape(logits.shape))   # (b, K, D)
-    return dist.bernoulli_log_prob(x[:, None, :], logits, sp)
-
-
-def _log_px_z_samples(model, x, z, work):
+def _log_px_z_samples(model, x, z):
     """x (b, D), z (b, K, Z) -> log p(x|z_k) (b, K), with all b*K samples decoded in one pass."""
     b, K, Z = z.shape
     out = model._decode(z.reshape(b * K, Z))
-    if model.likelihood == "bernoulli":
-        return _bernoulli_log_px_z(x, out.reshape(b, K, -1), work)
-    return model.log_px_z(x[:, None, :], tuple(o.reshape(b, K, -1) for o in out))
+    return model.log_px_z(x[:, None, :], _per_sample(out, b, K))
 
 
 def _noise_seeds(rng, n):
@@ -155,7 +137,6 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
     """
     N, Z = x.shape[0], model.z_dim
     B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
-    work = np.empty(B_ * K_ * model.x_dim, dtype=model.dtype) if model.likelihood == "bernoulli" else None
 
     def chunks(xb, mu, log_sigma, streams):
         for start in range(0, k, K_):
@@ -163,7 +144,7 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
             for e, g in zip(eps, streams):
                 g.standard_normal(dtype=model.dtype, out=e)
             z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)   # (b, K', Z)
-            yield eps, z, _log_px_z_samples(model, xb, z, work)
+            yield eps, z, _log_px_z_samples(model, xb, z)
 
     for s in batches(N, B_):
         mu, log_sigma = _encode_q(model, x, q, s)           # each x is encoded once
@@ -171,21 +152,9 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
         yield s, mu, log_sigma, chunks(x[s], mu, log_sigma, streams)
 
 
-def _log_q(eps, log_sigma):
-    """log q(z|x) at z = mu + sigma * eps: eps (b, K, Z), log_sigma (b, Z) -> (b, K).
-
-    (z - mu) / sigma is eps exactly, so the Gaussian density needs no division:
-    log q = sum_j [-eps_j^2 / 2 - log sigma_j - log(2 pi) / 2].
-    """
-    log_sigma = np.clip(log_sigma, dist.LOG_SIGMA_MIN, dist.LOG_SIGMA_MAX)
-    return (-0.5 * np.sum(eps * eps, axis=-1) - np.sum(log_sigma, axis=-1)[:, None]
-            - 0.5 * eps.shape[-1] * dist.LOG_2PI)
-
-
 # --- log p(x) by importance sampling -----------------------------------------------------------
 
-def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, q=None,
-                   threads="auto"):
+def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, q=None):
     """x (N, D) -> (N,) float64 estimates of log p(x) by importance sampling with K = k samples.
 
         log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,  z_k ~ q(z|x)
@@ -193,52 +162,19 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     q is the encoder's q(z|x) unless q = (mu, log_sigma), each (N, Z), is given.
     Works on batch_size examples x chunk samples at a time (see chunk_sizes) and
     combines the chunks with a running log-sum-exp in float64; the network runs
-    in the model's dtype. progress(done, N) is called after each batch.
-    threads > 1 (or "auto", see npvae.parallel) splits the examples over that
-    many threads; every example keeps its own noise stream, so the estimates
-    are the same as on one thread, to float rounding.
+    in the model's dtype. progress(done, N) is called after each batch. Each
+    example draws its noise from its own stream (_sample_batches), so the
+    estimates do not depend on how the examples are batched or split.
     """
     k = _check_positive_int("k", k)
     x = model._as_x(x)
     rng = _check_rng(rng)
     q = None if q is None else _check_q(model, q, x.shape[0])
-    n = min(parallel.resolve_threads(threads), x.shape[0])
-    seeds = _noise_seeds(rng, x.shape[0])
-    if n <= 1:
-        return _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress)
-    if progress is not None:  # each thread reports its own examples; progress sees the total
-        progress = _SharedProgress(progress, x.shape[0])
-    parts = []
-    for j, (a, b) in enumerate(parallel.ranges(x.shape[0], n)):
-        part_q = None if q is None else (q[0][a:b], q[1][a:b])
-        parts.append(functools.partial(_log_likelihood_part, model if j == 0 else model.replica(), x[a:b], k,
-                                       seeds[a:b], part_q, batch_size, chunk,
-                                       None if progress is None else progress.part(j)))
-    workers = parallel.Workers(n)
-    try:
-        return np.concatenate(workers.run(parts))
-    finally:
-        workers.close()
+    return log_likelihood_of_seeds(model, x, k, _noise_seeds(rng, x.shape[0]), q, batch_size, chunk, progress)
 
 
-class _SharedProgress:
-    """Calls progress(done, N) with the examples done by all threads together."""
-
-    def __init__(self, progress, total):
-        self.progress, self.total = progress, total
-        self.done = {}
-        self.lock = threading.Lock()
-
-    def part(self, j):
-        def report(done, _):
-            with self.lock:
-                self.done[j] = done
-                self.progress(sum(self.done.values()), self.total)
-        return report
-
-
-def _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress):
-    """log_likelihood on one thread: x (n, D) with its n noise seeds -> (n,)."""
+def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=None, progress=None):
+    """log_likelihood's estimates for checked x (n, D) whose examples draw from the streams of seeds (n,)."""
     log_px = np.empty(x.shape[0])
     for s, mu, log_sigma, chunks in _sample_batches(model, x, k, seeds, q, batch_size, chunk):
         total = np.full(s.stop - s.start, -np.inf)                   # log sum_k w_k so far
@@ -246,7 +182,7 @@ def _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress):
             # the (b, K', Z) terms are small, so they are formed in float64 too
             z, eps = z.astype(np.float64), eps.astype(np.float64)
             log_w = (log_px_z.astype(np.float64) + dist.standard_normal_log_prob(z)
-                     - _log_q(eps, log_sigma.astype(np.float64)))    # (b, K')
+                     - dist.log_q_reparameterized(eps, log_sigma.astype(np.float64)[:, None]))   # (b, K')
             total = np.logaddexp(total, logsumexp(log_w, axis=1))
         log_px[s] = total - math.log(k)
         if progress is not None:
@@ -254,8 +190,7 @@ def _log_likelihood_part(model, x, k, seeds, q, batch_size, chunk, progress):
     return log_px
 
 
-def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None,
-                         threads="auto"):
+def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None):
     """x (N, D) -> (N,) naive Monte Carlo estimates of log p(x) with z_k ~ p(z) = N(0, I).
 
         log p(x) ~= logsumexp_k log p(x|z_k) - log K
@@ -266,7 +201,7 @@ def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None
     """
     x = model._as_x(x)
     zeros = np.zeros((x.shape[0], model.z_dim), dtype=model.dtype)
-    return log_likelihood(model, x, k, rng, batch_size, chunk, progress, q=(zeros, zeros), threads=threads)
+    return log_likelihood(model, x, k, rng, batch_size, chunk, progress, q=(zeros, zeros))
 
 
 def elbo_estimate(model, x, q=None, n_samples=1000, rng=None, batch_size=None, chunk=None):
@@ -493,16 +428,14 @@ def _local_elbo_and_grads(model, x, mu, log_sigma, eps):
     b, S, Z = eps.shape
     z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)            # (b, S, Z)
     out = model._decode(z.reshape(b * S, Z).astype(model.dtype, copy=False))
-    out_bs = (out.reshape(b, S, -1) if model.likelihood == "bernoulli"
-              else tuple(o.reshape(b, S, -1) for o in out))
+    out_bs = _per_sample(out, b, S)
     log_px_z = model.log_px_z(x[:, None, :], out_bs)                          # (b, S)
     kl = dist.kl_standard_normal(mu, log_sigma)                               # (b,)
     elbo = np.mean(log_px_z, axis=1, dtype=np.float64) - kl
 
     dlog_px_z = np.full((b, S), 1.0 / S, dtype=model.dtype)
     dout_bs = model._log_px_z_grad(dlog_px_z, x[:, None, :], out_bs)
-    dout = (dout_bs.reshape(b * S, -1) if model.likelihood == "bernoulli"
-            else tuple(None if d is None else d.reshape(b * S, -1) for d in dout_bs))
+    dout = _all_samples(dout_bs, b, S)
     dz = model._decode_backward(dout).reshape(b, S, Z)
     dmu, dlog_sigma = dist.reparameterize_grad(dz.astype(np.float64), log_sigma[:, None], eps)
     dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(np.ones(b), mu, log_sigma)

@@ -1,8 +1,13 @@
 """Dense layers, activations and MLP stacks, with hand-written backward passes.
 
-A layer's forward keeps what its backward needs; its backward returns the
-gradient with respect to its input and writes the gradients of its parameters.
-Nothing here changes a weight: only an optimizer does that.
+    a = x W + b            x (B, I), W (I, O), b (O,)
+    y = act(a)             (B, O)
+
+    da = dy * act'(a)      dW = x^T da      db = sum_B da      dx = da W^T
+
+A layer's forward keeps what its backward needs (its input x and output y);
+its backward returns dx and writes dW and db. Nothing here changes a weight:
+only an optimizer does that.
 
 Shapes: B batch, I layer input width, O layer output width.
 """
@@ -12,7 +17,7 @@ import numpy as np
 # costs about 0.2 s, more than all of npvae, and many uses never need it.
 
 # Every activation's derivative is written in terms of its *output* y, so a
-# layer caches one array per layer and can apply the activation in place.
+# layer keeps one array per layer and can apply the activation in place.
 
 
 def _relu(a):
@@ -111,19 +116,6 @@ def init_std(activation, fan_in, fan_out):
     return 4.0 * glorot if activation == "sigmoid" else glorot
 
 
-_ONES = {}
-
-
-def _ones(n, dtype):
-    """A read-only vector of n ones of dtype (a np.dtype, the key it is kept under from call to call)."""
-    ones = _ONES.get(dtype)
-    if ones is None or ones.shape[0] < n:
-        ones = np.ones(max(n, 256), dtype)
-        ones.flags.writeable = False
-        _ONES[ones.dtype] = ones
-    return ones[:n]
-
-
 class Dense:
     """y = activation(x @ W + b): x (B, I) -> y (B, O); W (I, O), b (O,).
 
@@ -137,50 +129,25 @@ class Dense:
         self.activation = check_activation(activation)
         self._act, self._act_grad = ACTIVATIONS[activation]
         self.x = self.y = None
-        # Where forward writes y and backward writes da, when a caller has
-        # bound them (VAE.bind_rows); None: fresh arrays, and backward writes
-        # dW and db itself. With da_out bound, backward leaves dW and db
-        # alone: the caller computes them later (weight_grads) from the
-        # whole minibatch's inputs and da.
-        self.out = self.da_out = None
 
     def forward(self, x):
-        """x (B, I) -> y (B, O); caches x and y for backward."""
-        a = np.matmul(x, self.W, out=self.out)  # (B, O)
-        a += self.b
-        y = self._act(a)
-        if self.out is not None and y is not self.out:   # an activation that is not in place (elu)
-            np.copyto(self.out, y)
-            y = self.out
+        """x (B, I) -> y (B, O); keeps x and y for backward."""
+        a = x @ self.W                 # (B, O)
+        a += self.b                    # in place: no second (B, O) array
+        y = self._act(a)               # in place where the activation can be
         self.x, self.y = x, y
         return y
 
     def backward(self, dy, need_dx=True):
-        """dy (B, O) -> dx (B, I); writes dW = x^T da and db = sum_B da (or, bound, da into da_out).
+        """dy (B, O) -> dx (B, I) (None if not need_dx); writes dW = x^T da and db = sum_B da.
 
         Local derivative: da = dy * act'(a), dx = da W^T.
         """
         g = self._act_grad(self.y)
-        if self.da_out is None:
-            da = dy if g is None else dy * g  # (B, O)
-            self.weight_grads(self.x, da)
-        else:
-            da = self.da_out
-            if g is None:
-                np.copyto(da, dy)
-            else:
-                np.multiply(dy, g, out=da)
+        da = dy if g is None else dy * g     # (B, O)
+        np.matmul(self.x.T, da, out=self.dW)
+        self.db[...] = da.sum(axis=0)
         return da @ self.W.T if need_dx else None
-
-    def weight_grads(self, x, da, rows=slice(None), cols=slice(None)):
-        """dW[rows] = x[:, rows]^T da and db[cols] = sum_B da[:, cols], from x (B, I) and da (B, O).
-
-        The rows of dW and the entries of db are independent sums over the
-        batch, so pieces of them can be computed apart (by several processes).
-        """
-        np.matmul(x[:, rows].T, da, out=self.dW[rows])
-        # the sum over rows as a product with a vector of ones: BLAS does it faster than np.sum
-        np.matmul(_ones(da.shape[0], da.dtype), da[:, cols], out=self.db[cols])
 
 
 class MLP:

@@ -20,7 +20,6 @@ import math
 import numpy as np
 
 from . import distributions as dist
-from .parallel import aligned_zeros
 from .layers import MLP, Dense, check_activation, init_std
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -51,13 +50,15 @@ class VAE:
     input-dependent log_sigma per dimension; with x_sigma a positive float,
     that fixed standard deviation). dtype: float32 for training, float64 for
     gradient checks. seed: initial weights and the fallback noise generator.
-    shared: keep the parameter and gradient buffers (and those of replicas)
-    in memory that processes forked later also see, for training in helper
-    processes (npvae.parallel.Processes).
+
+    params and grads are dicts of named arrays with the same keys and shapes
+    ('enc.h0.W', 'enc.mu.b', ...), views into one flat buffer each
+    (flat_params, flat_grads), so that all parameters can also be treated as
+    one vector.
     """
 
     def __init__(self, x_dim, hidden=(400,), z_dim=20, likelihood="bernoulli",
-                 activation="relu", dtype=np.float32, seed=0, x_sigma=None, shared=False):
+                 activation="relu", dtype=np.float32, seed=0, x_sigma=None):
         self.x_dim = _check_positive_int("x_dim", x_dim)
         self.z_dim = _check_positive_int("z_dim", z_dim)
         if isinstance(hidden, (int, np.integer)):
@@ -76,10 +77,7 @@ class VAE:
             x_sigma = float(x_sigma)
         self.x_sigma = x_sigma
         self.seed = seed
-        self.shared = bool(shared)
         self.rng = np.random.default_rng(seed)
-        self._rows = None   # (x rows, z rows) of a SplitBatch this model is bound to (bind_rows)
-        self._bound = None  # (batch, first, stop) of that binding
         self._build()
 
     # --- construction ----------------------------------------------------------
@@ -113,24 +111,14 @@ class VAE:
         return specs
 
     def _build(self):
-        """Allocate one flat buffer for parameters and one for gradients, and views into them."""
+        """Allocate the parameter and gradient buffers, initialize the weights, make the layers."""
         specs = self._layer_specs()
         shapes = {}
         for name, fan_in, fan_out, _ in specs:
             shapes[name + ".W"] = (fan_in, fan_out)
             shapes[name + ".b"] = (fan_out,)
-        # One flat buffer each for parameters and gradients, so an optimizer can
-        # treat all parameters as a single vector while layers see named views.
-        # Each view starts on a 64-byte boundary: BLAS is ~10% slower on
-        # misaligned matrices. The padding between views stays zero.
-        align = max(1, 64 // self.dtype.itemsize)
-        offsets, size = {}, 0
-        for name, shape in shapes.items():
-            offsets[name] = size
-            size += -(-int(np.prod(shape)) // align) * align
-        self._views = {name: (offsets[name], shape) for name, shape in shapes.items()}
-        self.flat_params, self.params = self._allocate(size)
-        self.flat_grads, self.grads = self._allocate(size)
+        self.flat_params, self.params = self._allocate(shapes)
+        self.flat_grads, self.grads = self._allocate(shapes)
         init_rng = np.random.default_rng(self.seed)
         for name, fan_in, fan_out, _ in specs:
             # The hidden layers' activation sets the scale of the weights that feed it.
@@ -143,16 +131,19 @@ class VAE:
                 W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
         self._make_layers(specs)
 
-    def _allocate(self, size):
-        """A zeroed flat buffer of `size` elements and the dict of named views into it."""
-        flat = aligned_zeros(size, self.dtype, shared=self.shared)
-        return flat, {name: flat[o:o + int(np.prod(shape))].reshape(shape)
-                      for name, (o, shape) in self._views.items()}
+    def _allocate(self, shapes):
+        """A zeroed flat buffer and the dict {name: view of it of shapes[name]}, laid out in order."""
+        flat = np.zeros(sum(math.prod(shape) for shape in shapes.values()), dtype=self.dtype)
+        views, offset = {}, 0
+        for name, shape in shapes.items():
+            views[name] = flat[offset:offset + math.prod(shape)].reshape(shape)
+            offset += math.prod(shape)
+        return flat, views
 
     def _make_layers(self, specs):
         """The Dense layers over self.params and self.grads, and the networks made of them."""
-        layers = {name: Dense(self.params[name + ".W"], self.params[name + ".b"],
-                              self.grads[name + ".W"], self.grads[name + ".b"], act)
+        layers = {name: self.dense_layer(self.params[name + ".W"], self.params[name + ".b"],
+                                         self.grads[name + ".W"], self.grads[name + ".b"], act)
                   for name, _, _, act in specs}
         n_hidden = len(self.hidden)
         self.encoder = MLP([layers[f"enc.h{i}"] for i in range(n_hidden)])
@@ -161,19 +152,8 @@ class VAE:
         self.dec_heads = [layers[n] for n in ("dec.logits", "dec.mean", "dec.log_sigma") if n in layers]
         self._layers = layers
 
-    def replica(self):
-        """A VAE that shares this one's parameters (the same arrays) but has its own gradients.
-
-        Its forward and backward keep their own caches and write its own
-        gradient buffer, so several replicas can work on parts of one batch at
-        once (npvae.parallel); an update to the parameters is seen by all.
-        """
-        twin = object.__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        twin._cache = twin._cache_iwae = twin._rows = twin._bound = None
-        twin.flat_grads, twin.grads = twin._allocate(self.flat_grads.size)
-        twin._make_layers(self._layer_specs())
-        return twin
+    # the class of the model's layers (the engine's model takes one that writes where it is told)
+    dense_layer = Dense
 
     @property
     def n_params(self):
@@ -232,9 +212,6 @@ class VAE:
         return self._encode(self._as_x(x))
 
     def _encode(self, x):
-        if self._rows is not None and x is not self._rows[0]:   # bound: x goes into the batch's rows too
-            np.copyto(self._rows[0], x)
-            x = self._rows[0]
         h = self.encoder.forward(x)  # (B, H)
         return self.enc_mu.forward(h), self.enc_log_sigma.forward(h)
 
@@ -249,9 +226,6 @@ class VAE:
         return self._decode(self._as_z(z))
 
     def _decode(self, z):
-        if self._rows is not None:
-            np.copyto(self._rows[1], z)
-            z = self._rows[1]
         h = self.decoder.forward(z)  # (B, H)
         if self.likelihood == "bernoulli":
             return self.dec_heads[0].forward(h)
@@ -278,22 +252,16 @@ class VAE:
 
     def log_px_z(self, x, out):
         """log p(x|z) per example, (..., D) -> (...), from the decoder's output."""
-        return self._log_px_z(x, out)[0]
-
-    def _log_px_z(self, x, out):
-        """(log p(x|z), what its gradient can reuse: (e^logits, 1 + e^logits) or None for Bernoulli)."""
         if self.likelihood == "bernoulli":
-            log_p, e, t = dist.bernoulli_log_prob_and_exp(x, out)
-            return log_p, None if e is None else (e, t)
+            return dist.bernoulli_log_prob(x, out)
         if self.x_sigma is not None:
-            return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma), None
-        return dist.gaussian_log_prob(x, *out), None
+            return dist.gaussian_fixed_log_prob(x, out[0], self.x_sigma)
+        return dist.gaussian_log_prob(x, *out)
 
-    def _log_px_z_grad(self, dlog_px_z, x, out, reuse=None):
+    def _log_px_z_grad(self, dlog_px_z, x, out):
         """Upstream gradient of log p(x|z) -> gradient w.r.t. the decoder's output."""
         if self.likelihood == "bernoulli":
-            e, t = (None, None) if reuse is None else reuse
-            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out, exp_logits=e, one_plus_exp=t)
+            return dist.bernoulli_log_prob_grad(dlog_px_z, x, out)
         if self.x_sigma is not None:
             return dist.gaussian_fixed_log_prob_grad(dlog_px_z, x, out[0], self.x_sigma), None
         return dist.gaussian_log_prob_grad(dlog_px_z, x, *out)
@@ -301,14 +269,13 @@ class VAE:
     # --- the ELBO (K = 1) ------------------------------------------------------------
 
     def forward(self, x, eps):
-        """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); caches what backward needs."""
-        mu, log_sigma = self._encode(x)                     # (B, Z), (B, Z)
-        sigma = dist.std(log_sigma)                         # (B, Z), once for z, the KL and backward
-        z = dist.reparameterize(mu, log_sigma, eps, sigma)  # (B, Z)
-        out = self._decode(z)                               # logits or (mean, log_sigma), (B, D)
-        log_px_z, reuse = self._log_px_z(x, out)            # (B,)
-        kl = dist.kl_standard_normal(mu, log_sigma, sigma)  # (B,)
-        self._cache = (x, eps, mu, log_sigma, sigma, out, reuse)
+        """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); keeps what backward needs."""
+        mu, log_sigma = self._encode(x)                 # (B, Z), (B, Z)
+        z = dist.reparameterize(mu, log_sigma, eps)     # (B, Z)
+        out = self._decode(z)                           # logits or (mean, log_sigma), (B, D)
+        log_px_z = self.log_px_z(x, out)                # (B,)
+        kl = dist.kl_standard_normal(mu, log_sigma)     # (B,)
+        self._cache = (x, eps, mu, log_sigma, out)
         return log_px_z, kl
 
     def backward(self, dlog_px_z, dkl):
@@ -316,11 +283,10 @@ class VAE:
 
         mu and log_sigma feed both z and the KL, so their gradients sum both paths.
         """
-        x, eps, mu, log_sigma, sigma, out, reuse = self._cache
-        dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out, reuse))
-        in_range = dist._in_range(log_sigma)   # where the clip in std() lets the gradient through
-        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps, sigma, in_range)
-        dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma, sigma, in_range)
+        x, eps, mu, log_sigma, out = self._cache
+        dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out))    # (B, Z)
+        dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps)
+        dmu_kl, dlog_sigma_kl = dist.kl_standard_normal_grad(dkl, mu, log_sigma)
         self._encode_backward(dmu + dmu_kl, dlog_sigma + dlog_sigma_kl)
         return self.grads
 
@@ -338,22 +304,17 @@ class VAE:
     # --- the IWAE bound (K >= 1) -------------------------------------------------------
 
     def forward_iwae(self, x, eps):
-        """x (B, D), eps (B, K, Z) -> bound (B,); caches what backward_iwae needs."""
+        """x (B, D), eps (B, K, Z) -> bound (B,); keeps what backward_iwae needs."""
         B, K, Z = eps.shape
         mu, log_sigma = self._encode(x)                                   # (B, Z)
         z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)     # (B, K, Z)
         out = self._decode(z.reshape(B * K, Z))
-        out_bk = (out.reshape(B, K, -1) if self.likelihood == "bernoulli"
-                  else tuple(o.reshape(B, K, -1) for o in out))
-        log_px_z, reuse = self._log_px_z(x[:, None, :], out_bk)           # (B, K)
-        log_pz = dist.standard_normal_log_prob(z)                          # (B, K)
-        # log q(z|x) at z = mu + sigma*eps, written in eps so its derivative
-        # with the noise held fixed is plain: d/dlog_sigma = -1, d/dmu = 0.
-        log_qz = (-0.5 * np.sum(eps * eps, axis=-1) - np.sum(
-            dist.clip_log_sigma(log_sigma), axis=-1)[:, None]
-            - 0.5 * Z * dist.LOG_2PI)                                     # (B, K)
-        log_w = log_px_z + log_pz - log_qz                                 # (B, K)
-        self._cache_iwae = (x, eps, z, log_sigma, out_bk, reuse, log_w)
+        out_bk = _per_sample(out, B, K)                                   # (B, K, D)
+        log_px_z = self.log_px_z(x[:, None, :], out_bk)                   # (B, K)
+        log_pz = dist.standard_normal_log_prob(z)                         # (B, K)
+        log_qz = dist.log_q_reparameterized(eps, log_sigma[:, None])     # (B, K)
+        log_w = log_px_z + log_pz - log_qz                                # (B, K)
+        self._cache_iwae = (x, eps, z, log_sigma, out_bk, log_w)
         from scipy.special import logsumexp
         return logsumexp(log_w, axis=1) - math.log(K)
 
@@ -363,18 +324,16 @@ class VAE:
         Local derivative: d bound / d log_w_k = w_k / sum_j w_j (a softmax over K).
         """
         from scipy.special import softmax
-        x, eps, z, log_sigma, out_bk, reuse, log_w = self._cache_iwae
+        x, eps, z, log_sigma, out_bk, log_w = self._cache_iwae
         B, K, Z = eps.shape
         dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(log_w, axis=1)  # (B, K)
         dlog_w = dlog_w.astype(self.dtype, copy=False)
-        dout_bk = self._log_px_z_grad(dlog_w, x[:, None, :], out_bk, reuse)  # (B, K, D) each
-        dout = (dout_bk.reshape(B * K, -1) if self.likelihood == "bernoulli"
-                else tuple(None if d is None else d.reshape(B * K, -1) for d in dout_bk))
+        dout = _all_samples(self._log_px_z_grad(dlog_w, x[:, None, :], out_bk), B, K)   # (B*K, D)
         dz = self._decode_backward(dout).reshape(B, K, Z)
         dz -= dlog_w[..., None] * z                     # from log p(z): d/dz = -z
         dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma[:, None], eps)
-        dlog_sigma = dlog_sigma.sum(axis=1)             # (B, Z)
-        # from -log q(z|x): +1 per sample and latent dimension (inside the clip)
+        dlog_sigma = dlog_sigma.sum(axis=1)             # (B, Z): log_sigma feeds every sample
+        # from -log q(z|x): d/dlog_sigma = +1 per sample (inside the clip)
         dlog_sigma += dlog_w.sum(axis=1)[:, None] * dist._in_range(log_sigma)
         self._encode_backward(dmu.sum(axis=1), dlog_sigma)
         return self.grads
@@ -392,90 +351,43 @@ class VAE:
 
     # --- training interface ------------------------------------------------------------
 
-    def loss_and_grads(self, x, eps=None, rng=None, k=1, beta=1.0, copy=True):
+    def loss_and_grads(self, x, eps=None, rng=None, k=1, beta=1.0, copy=False, terms=False, objective=None):
         """x (B, D) -> (loss, grads): loss = -mean(elbo) (k = 1) or -mean(IWAE bound) (k > 1).
 
-        eps is (B, Z) for k = 1 and (B, K, Z) for k > 1. beta weights the KL
-        term (KL warm-up, beta-VAE) and applies to k = 1 only. grads has the
-        keys and shapes of params; with copy=False they are the model's own
-        buffers, overwritten by the next call.
+        objective: "elbo" (k = 1) or "iwae" (any k; with k = 1 the bound is
+        the single-sample ELBO with a Monte Carlo KL); None: "elbo" for k = 1,
+        "iwae" otherwise. eps is (B, Z) for the ELBO and (B, K, Z) for the
+        bound; without it the noise comes from rng (else the model's own
+        generator). beta weights the KL term (KL warm-up, beta-VAE) and
+        applies to the ELBO only. grads has the
+        keys and shapes of params: the model's own gradient buffers, which the
+        next call overwrites (copy=True: arrays of the caller's own). With
+        terms=True, returns (loss, grads, terms) with the per-example terms
+        (B,): {"log_px_z", "kl"} for the ELBO, {"bound"} for the IWAE bound.
         """
         k = _check_positive_int("k", k)
+        objective = ("elbo" if k == 1 else "iwae") if objective is None else objective
+        if objective not in ("elbo", "iwae") or (objective == "elbo" and k != 1):
+            raise ValueError(f"objective must be 'elbo' (with k = 1) or 'iwae', got {objective!r} with k={k}")
         x = self._as_x(x)
         B = x.shape[0]
-        if k == 1:
+        if objective == "elbo":
             eps = self._noise((B, self.z_dim), eps, rng)
             log_px_z, kl = self.forward(x, eps)
             loss = -np.mean(log_px_z - beta * kl)
             # d loss / d log_px_z = -1/B, d loss / d kl = beta/B, for every example
             self.backward(np.full(B, -1.0 / B), np.full(B, beta / B))
+            per_example = {"log_px_z": log_px_z, "kl": kl}
         else:
             if beta != 1.0:
-                raise ValueError(f"beta must be 1 with the IWAE objective (k > 1), got {beta}")
+                raise ValueError(f"beta must be 1 with the IWAE objective, got {beta}")
             eps = self._noise((B, k, self.z_dim), eps, rng)
-            loss = -np.mean(self.forward_iwae(x, eps))
+            bound = self.forward_iwae(x, eps)
+            loss = -np.mean(bound)
             self.backward_iwae(np.full(B, -1.0 / B))
+            per_example = {"bound": bound}
         grads = {n: g.copy() for n, g in self.grads.items()} if copy else self.grads
-        return float(loss), grads
-
-    # --- a minibatch split over replicas ------------------------------------------------
-
-    def layer_inputs(self):
-        """{layer name: what the layer reads}: 'x', 'z', or the hidden layer before it, encoder first."""
-        inputs = {}
-        for side, first, heads in (("enc", "x", ("mu", "log_sigma")),
-                                   ("dec", "z", ("logits", "mean", "log_sigma"))):
-            before = first
-            for i in range(len(self.hidden)):
-                inputs[f"{side}.h{i}"], before = before, f"{side}.h{i}"
-            for head in heads:
-                inputs[f"{side}.{head}"] = before
-        return {name: inputs[name] for name, *_ in self._layer_specs()}
-
-    def grad_ranges(self, n):
-        """n ranges [(start, stop), ...] that tile the flat gradient buffer in nearly equal pieces,
-        each cut between two rows of a weight matrix or at the start of a bias (SplitBatch.weight_grads)."""
-        allowed = {0, self.flat_grads.size}
-        for offset, shape in self._views.values():
-            width = shape[1] if len(shape) == 2 else shape[0]   # a bias is one row
-            allowed.update(range(offset, offset + math.prod(shape) + 1, width))
-        allowed = np.array(sorted(allowed))
-        cuts = [0]
-        for j in range(1, n):
-            ideal = self.flat_grads.size * j / n
-            cuts.append(max(cuts[-1], int(allowed[np.argmin(np.abs(allowed - ideal))])))
-        cuts.append(self.flat_grads.size)
-        return list(zip(cuts, cuts[1:]))
-
-    def input_rows(self):
-        """Bound to a SplitBatch: the (b, D) rows of it where forward puts x (x may be written
-        there in advance; forward then copies nothing). Else None."""
-        return None if self._rows is None else self._rows[0]
-
-    def bind_rows(self, batch, first, stop):
-        """Work on rows [first, stop) of the SplitBatch batch (None: unbind).
-
-        Bound, forward writes the inputs of every layer (x, z, the hidden
-        layers' outputs) into those rows of batch, and backward writes each
-        layer's local gradient da there instead of its own weight gradients;
-        batch.weight_grads computes those afterwards, over the whole batch.
-        """
-        if batch is None:
-            self._rows = self._bound = None
-            for layer in self._layers.values():
-                layer.out = layer.da_out = None
-            return
-        bound = self._bound
-        if bound is not None and bound[0] is batch and bound[1:] == (first, stop):
-            return   # bound there already (a training step binds the same rows every time)
-        k = batch.k
-        for name, layer in self._layers.items():
-            r = _rows_per_example(name, k)
-            rows = slice(first * r, stop * r)
-            layer.out = batch.inputs[name][rows] if name in batch.inputs else None
-            layer.da_out = batch.da[name][rows]
-        self._rows = batch.inputs["x"][first:stop], batch.inputs["z"][first * k:stop * k]
-        self._bound = batch, first, stop
+        return (float(loss), grads, per_example) if terms else (float(loss), grads)
 
     # --- generation ---------------------------------------------------------------------
 
@@ -491,78 +403,15 @@ class VAE:
         return self.mean_px_z(self._decode(mu))
 
 
-class SplitBatch:
-    """A minibatch split over replicas: its layers' inputs and local gradients, whole.
-
-    Each replica, bound to its block of rows (VAE.bind_rows), runs forward
-    and backward on them and writes every layer's input (x, z, the hidden
-    layers' outputs) and local gradient da = dloss/da into its rows here.
-    Once all have finished, the weight gradients are sums over the whole batch,
-
-        dW = x^T da        db = sum over rows of da
-
-    so any range of the model's flat gradient buffer can be computed on its
-    own (weight_grads), by any process: no replica keeps gradients of its
-    own, and none have to be added up.
-
-    capacity: the most examples a minibatch may have; k: samples per example
-    (the decoder sees k rows per example: the IWAE bound); shared: in memory
-    that processes forked later also see (npvae.parallel.Processes).
-    """
-
-    def __init__(self, model, capacity, k=1, shared=False):
-        self.model, self.capacity, self.k = model, int(capacity), int(k)
-        self.reads = model.layer_inputs()
-
-        def rows(name):
-            return self.capacity * _rows_per_example(name, self.k)
-
-        def zeros(name, width):
-            return aligned_zeros(rows(name) * width, model.dtype, shared=shared).reshape(rows(name), width)
-        widths = {"x": model.x_dim, "z": model.z_dim}
-        widths.update((name, fan_out) for name, _, fan_out, _ in model._layer_specs())
-        # inputs[name]: the array that name's output is; layers read it (x and z are the model's)
-        self.inputs = {name: zeros(name, widths[name]) for name in ["x", "z"] + sorted(
-            set(self.reads.values()) - {"x", "z"})}
-        self.da = {name: zeros(name, fan_out) for name, _, fan_out, _ in model._layer_specs()}
-        self._plans = {}   # (start, stop) -> what weight_grads does for that range
-
-    def weight_grads(self, start, stop, B):
-        """The model's gradient on [start, stop) of its flat buffer (model.grad_ranges' pieces),
-        from the first B examples, which the bound replicas have written."""
-        if not 0 < B <= self.capacity:
-            raise ValueError(f"B must be in [1, {self.capacity}], got {B}")
-        plan = self._plans.get((start, stop))
-        if plan is None:   # a training step asks for the same ranges every time: worked out once
-            plan = self._plans[start, stop] = self._plan(start, stop)
-        for layer, x, da, r, rows, cols in plan:
-            layer.weight_grads(x[:B * r], da[:B * r], rows, cols)
-
-    def _plan(self, start, stop):
-        """[(layer, its input, its da, rows per example, rows of W, entries of b)] of every layer
-        with a piece in [start, stop) of the flat buffer."""
-        model, plan = self.model, []
-        for name, layer in model._layers.items():
-            rows = _piece(model._views[name + ".W"], start, stop)
-            cols = _piece(model._views[name + ".b"], start, stop)
-            if rows.stop > rows.start or cols.stop > cols.start:
-                plan.append((layer, self.inputs[self.reads[name]], self.da[name],
-                             _rows_per_example(name, self.k), rows, cols))
-        return plan
+def _per_sample(out, B, K):
+    """Decoder output for B*K rows -> (B, K, D) arrays (a tuple of them for a Gaussian)."""
+    if isinstance(out, tuple):
+        return tuple(o.reshape(B, K, -1) for o in out)
+    return out.reshape(B, K, -1)
 
 
-def _rows_per_example(name, k):
-    """How many rows an example has in layer (or input) `name` of a SplitBatch: k in z and the
-    decoder, which see k samples per example (the IWAE bound), 1 in x and the encoder."""
-    return k if name == "z" or name.startswith("dec.") else 1
-
-
-def _piece(view, start, stop):
-    """The rows of a (rows, width) view (entries of a 1-D one) at (offset, shape) that [start, stop) covers."""
-    offset, shape = view
-    width = shape[1] if len(shape) == 2 else 1
-    first = min(max(start - offset, 0), shape[0] * width)
-    last = min(max(stop - offset, 0), shape[0] * width)
-    if first % width or last % width:
-        raise ValueError(f"range [{start}, {stop}) cuts a row of a weight matrix (see VAE.grad_ranges)")
-    return slice(first // width, last // width)
+def _all_samples(dout, B, K):
+    """Gradient w.r.t. a (B, K, D) decoder output -> (B*K, D) (None stays None)."""
+    if isinstance(dout, tuple):
+        return tuple(None if d is None else d.reshape(B * K, -1) for d in dout)
+    return dout.reshape(B * K, -1)

@@ -322,7 +322,8 @@ def plot_density_2d(model, x_data, path, title="model vs data", k=300, n_grid=80
 def _test_inputs(run_config, data_dir, n, rng):
     """(x (n, D) as the model sees it, labels or None, dataset name) from the run's test split."""
     from . import data as datasets
-    from .train import TrainConfig, make_prepare
+    from .engine.binarize import make_prepare
+    from .train import TrainConfig
     train = TrainConfig.from_dict(run_config["train"])
     data = datasets.load(train.dataset, data_dir if data_dir is not None else train.data_dir, seed=train.seed)
     x, y = data.x_test, data.y_test

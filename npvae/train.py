@@ -9,7 +9,6 @@ one would.
 """
 import contextlib
 import dataclasses
-import functools
 import math
 import signal
 import sys
@@ -20,11 +19,16 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as datasets
-from . import parallel
+from .engine import parallel
+from .engine.binarize import make_prepare, prepare_batch
+from .engine.model import FastVAE
+from .engine.optim import FlatAdam
+from .engine.step import make_step
 from .evaluate import elbo_stats
-from .model import VAE, SplitBatch
+from .model import VAE
 from .optim import Adam
 
+ENGINES = ("fast", "reference")
 OBJECTIVES = ("elbo", "iwae")
 SCHEDULES = ("constant", "exponential", "burda", "stages")
 BINARIZE = ("dynamic", "threshold", "none")
@@ -168,310 +172,6 @@ class Progress:
             self.stream.flush()
 
 
-def prepare_batch(x, config, likelihood, kind, dtype, rng):
-    """Stored rows -> model input: floats, binarized when a Bernoulli model meets grey levels."""
-    return make_prepare(config.binarize, config.threshold, likelihood, kind, dtype)(x, rng)
-
-
-class Prepare:
-    """Stored rows -> model input (B, D) of the given dtype: prepare(rows, rng).
-
-    Floats (grey levels k/255 from uint8), binarized when a Bernoulli model
-    meets grey levels (dynamic: fresh Bernoulli draws, datasets.binarize_bytes
-    straight from uint8 rows, else binarize_rows; threshold: x > threshold).
-    In two parts, so that processes can each prepare their own rows of a
-    minibatch: noise(rng) is all the minibatch takes from rng (the
-    binarization key, else 0), and rows(x, noise, first_row) prepares the
-    block of rows that starts at row first_row; blocks give what the whole does.
-    """
-
-    def __init__(self, binarize, threshold, likelihood, kind, dtype):
-        binary = likelihood == "bernoulli" and kind == "grey"
-        self.dynamic = binary and binarize == "dynamic"
-        self.threshold = threshold if binary and binarize == "threshold" else None
-        self.dtype = np.dtype(dtype)
-
-    def noise(self, rng):
-        return datasets.binarize_key(rng) if self.dynamic else 0
-
-    def rows(self, x, noise, first_row=0, out=None):
-        """The model input of the stored rows x, which start at row first_row of the minibatch.
-
-        out: a (b, D) array of the dtype where the rows may go (binarize_bytes
-        writes there); the result is out or a new array.
-        """
-        if self.dynamic and isinstance(x, np.ndarray) and x.dtype == np.uint8:
-            return datasets.binarize_bytes(x, noise, first_row, self.dtype, out)   # no floats on the way
-        x = datasets.to_float(x, self.dtype)
-        if self.dynamic:
-            return datasets.binarize_rows(x, noise, first_row)
-        if self.threshold is not None:
-            return datasets.binarize(x, threshold=self.threshold)
-        return x
-
-    def __call__(self, x, rng):
-        return self.rows(x, self.noise(rng))
-
-
-def make_prepare(binarize, threshold, likelihood, kind, dtype):
-    """A Prepare: (stored rows, rng) -> model input (B, D) of the given dtype."""
-    return Prepare(binarize, threshold, likelihood, kind, dtype)
-
-
-def _as_index(index, name="index"):
-    index = np.asarray(index)
-    if index.ndim != 1 or index.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be a 1-D array of integers, got {index.dtype} of shape {index.shape}")
-    return index
-
-
-def _minibatch(x, index, next_index=None):
-    """The stored rows of a minibatch: x itself, or x[index] (index checked, and next_index if given)."""
-    if next_index is not None:
-        _as_index(next_index, "next_index")
-    return x if index is None else x[_as_index(index)]
-
-
-def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
-    """A function step(x, beta, rng, index=None, next_index=None) -> (sum of log p(x|z) or bound,
-    sum of KL, |grad|^2).
-
-    One optimizer step on one minibatch: the whole hot path of training.
-    The minibatch is the stored rows x, or with index the rows x[index] of
-    the whole set x (so that each process can gather its own share).
-    next_index, the index the next call will give with the same x, is a
-    hint: on processes the step gathers those rows while it waits for its
-    helpers, and the next call uses them if its x and index are the same
-    (they are read from x during this call). It changes no result.
-    prepare (a Prepare) makes the model's input from the stored rows.
-    threads > 1 (or "auto") splits the minibatch over that many threads
-    (npvae.parallel): the same step to float rounding, on several cores.
-    backend "processes" splits it over helper processes instead, which
-    needs a VAE(shared=True) and an optimizer over its params; "auto" takes
-    processes where that holds and npvae.parallel.processes_available(),
-    threads otherwise.
-
-    step.session() is a context for many steps in a row (a training epoch):
-    a split step keeps OpenBLAS to one thread per core, and the session
-    sets that once instead of at every step. step.close() stops the helper
-    threads or processes (a later step starts new ones): forked helpers
-    hold the memory they share with this process until they end.
-    """
-    Z = model.z_dim
-    n = parallel.resolve_threads(threads)
-    use = parallel.resolve_backend(backend, n)
-    if use == "processes" and not (model.shared and optimizer.params is model.params
-                                             and optimizer.shares_memory):
-        if backend == "processes":
-            raise ValueError("backend 'processes' needs a VAE(shared=True) and an optimizer made "
-                             "with its params dict (the state then lives in shared memory too)")
-        use = "threads"
-    if n > 1:
-        # bound to a SplitBatch, a replica leaves its own gradient buffer alone;
-        # the model itself stays unbound, for serial steps and evaluation
-        replicas = [model.replica() for _ in range(n)]
-        grad_ranges = model.grad_ranges(n)
-
-    def forward_backward(replica, rows, noise, first_row, eps, B, beta, batch=None, wait=None):
-        """Prepare rows [first_row, first_row + b) of the batch, then the backward pass of their
-        share of the loss -mean over all B rows; -> their sums of the terms.
-
-        batch (a SplitBatch): replica works on those rows of it, and leaves
-        the weight gradients to batch.weight_grads; None: replica (the model)
-        computes them. wait: called once the rows are prepared, before eps
-        is read (a helper process waits there for the main one to draw it).
-        """
-        b = rows.shape[0]
-        if batch is not None:
-            replica.bind_rows(batch, first_row, first_row + b)
-        # bound, straight into the batch's rows of x, where forward would copy x to
-        x = prepare.rows(rows, noise, first_row, replica.input_rows())
-        if wait is not None:
-            wait()
-        if objective == "elbo":
-            log_px_z, kl = replica.forward(x, eps)
-            # loss = -mean(log_px_z - beta * kl)
-            replica.backward(np.full(b, -1.0 / B), np.full(b, beta / B))
-            # np.sum(., dtype=np.float64), without its Python wrapper's cost
-            return float(np.add.reduce(log_px_z, dtype=np.float64)), float(np.add.reduce(kl, dtype=np.float64))
-        bound = replica.forward_iwae(x, eps)
-        replica.backward_iwae(np.full(b, -1.0 / B))
-        return float(np.add.reduce(bound, dtype=np.float64)), 0.0
-
-    def weight_grads(batch, start, stop, B):
-        """The gradient on [start, stop) of the flat buffer, over the whole batch; -> its squared norm."""
-        batch.weight_grads(start, stop, B)
-        g = model.flat_grads[start:stop]
-        return float(np.dot(g, g))
-
-    def split_batch(B, shared=False):
-        return SplitBatch(model, B, k if objective == "iwae" else 1, shared=shared)
-
-    def eps_shape(B):
-        return (B, Z) if objective == "elbo" else (B, k, Z)
-
-    def finish(sums, g2, update):
-        """Update (if the loss and gradient are finite: else skip the step); -> the step's figures."""
-        if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
-            update()
-        return sums[0], sums[1], g2
-
-    def serial_step(rows, beta, rng):
-        B = rows.shape[0]
-        if B == 0:   # every split step with fewer rows than parts comes here
-            raise ValueError("a minibatch needs at least one row: x (or x[index]) has none")
-        noise = prepare.noise(rng)
-        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
-        sums = forward_backward(model, rows, noise, 0, eps, B, beta)
-        g2 = float(np.dot(model.flat_grads, model.flat_grads))
-        return finish(sums, g2, lambda: optimizer.step(model.grads))
-
-    if n == 1:
-        def step(x, beta, rng, index=None, next_index=None):   # no helpers: nothing to gather ahead
-            return serial_step(_minibatch(x, index, next_index), beta, rng)
-        step.session = contextlib.nullcontext   # BLAS keeps its own threads
-        step.close = lambda: None
-        return step
-    if use == "processes":
-        step = _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                             forward_backward, weight_grads, split_batch, serial_step, finish)
-        step.session = parallel.one_blas_thread
-        return step
-
-    held = {"batch": None, "workers": None}
-
-    def step(x, beta, rng, index=None, next_index=None):   # threads gather their rows at once
-        rows = _minibatch(x, index, next_index)
-        B = rows.shape[0]
-        if B < n:
-            return serial_step(rows, beta, rng)
-        if held["batch"] is None or B > held["batch"].capacity:
-            held["batch"] = split_batch(B)
-        if held["workers"] is None:
-            held["workers"] = parallel.Workers(n)
-        batch, workers = held["batch"], held["workers"]
-        noise = prepare.noise(rng)
-        eps = rng.standard_normal(eps_shape(B), dtype=model.dtype)
-        parts = workers.run([functools.partial(forward_backward, r, rows[a:b], noise, a, eps[a:b], B, beta, batch)
-                             for r, (a, b) in zip(replicas, parallel.ranges(B, n))])
-        sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        g2 = sum(workers.run([functools.partial(weight_grads, batch, a, b, B) for a, b in grad_ranges]))
-        return finish(sums, g2, lambda: optimizer.step(model.grads, workers))
-
-    def close():
-        workers, held["workers"] = held["workers"], None
-        if workers is not None:
-            workers.close()
-    step.session, step.close = parallel.one_blas_thread, close
-    return step
-
-
-def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape,
-                  forward_backward, weight_grads, split_batch, serial_step, finish):
-    """make_step's step on n processes (npvae.parallel.Processes): the threads' three phases in one task.
-
-    Each process prepares its rows and runs their forward and backward,
-    computes its range of the weight gradients, and updates its range of the
-    parameters, in one task. Between the phases the processes meet at a
-    barrier (parallel.allgather) and swap the figures the next phase needs:
-    the parts' loss sums, then the ranges' squared gradient norms, which
-    every process adds up in the threads' order, so that all make the same
-    decision to update or skip the step.
-
-    Helper j takes the j-th block of rows and this process the last. This
-    process gathers the helpers' rows and draws the binarization key, starts
-    them, and then draws their noise, which each helper waits for only once
-    it has prepared its rows (parallel.wait_released), then gathers its own
-    rows and draws its own noise (rng's draws keep the order of a serial
-    step). Given next_index, it gathers the next step's rows at the end of
-    its task, while the helpers finish theirs. The rows, the noise and the
-    SplitBatch live in shared memory, made with the helpers on the first
-    step; a larger batch than any before (or rows of another kind) makes
-    new buffers and new helpers.
-    """
-    # "gathered": (x, index's dtype, its bytes) whose rows the rows buffer holds; "next": what gathers them
-    pool = {"capacity": 0, "rows kind": None, "gathered": None, "next": None}
-    update_ranges = optimizer.update_ranges(n)   # as the threads' (optimizer.step)
-
-    def task(rows_buffer, eps_buffer, batch):
-        def whole_step(j, a, b, B, beta, key_high, key_low, t, lr):
-            a, b, B = int(a), int(b), int(B)
-            part = forward_backward(replicas[j], rows_buffer[a:b], int(key_high) << 32 | int(key_low), a,
-                                    eps_buffer[a:b], B, beta, batch, lambda: parallel.wait_released(j))
-            parts = parallel.allgather(j, part)
-            parts = parts[1:] + parts[:1]   # in the order of the rows: process 0 has the last block
-            sums = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            g2 = sum(p[0] for p in parallel.allgather(j, (weight_grads(batch, *grad_ranges[j], B),)))
-            out = finish(sums, g2, lambda: optimizer.step_range(model.grads, *update_ranges[j], t, lr))
-            if j == 0 and pool["next"] is not None:
-                # every process is past its rows now (the second barrier): this one's spare time
-                pool["next"]()
-            return out
-        return whole_step
-
-    def gather_ahead(x, index):
-        """Gather x[index] into the rows buffer for the next step, if it fits and index is in range
-        (else that step gathers its rows itself, and reports a bad index)."""
-        B = index.shape[0]
-        if n <= B <= pool["capacity"] and 0 <= index.min() and index.max() < x.shape[0]:
-            np.take(x, index, axis=0, out=pool["rows"][:B], mode="clip")   # in range: clip clips nothing
-            pool["gathered"] = (x, index.dtype, index.tobytes())
-
-    def helpers(B, kind):
-        if B > pool["capacity"] or kind != pool["rows kind"]:
-            if "processes" in pool:
-                pool["processes"].close()
-            pool["rows"] = parallel.shared_zeros(B * math.prod(kind[1]), kind[0]).reshape((B,) + kind[1])
-            pool["eps"] = parallel.shared_zeros(math.prod(eps_shape(B)), model.dtype).reshape(eps_shape(B))
-            pool["batch"] = split_batch(B, shared=True)
-            pool["processes"] = parallel.Processes(n, [task(pool["rows"], pool["eps"], pool["batch"])])
-            pool["capacity"], pool["rows kind"] = B, kind
-        return pool["processes"]
-
-    def step(x, beta, rng, index=None, next_index=None):
-        index = None if index is None else _as_index(index)
-        next_index = None if next_index is None else _as_index(next_index, "next_index")
-        B = x.shape[0] if index is None else index.shape[0]
-        pool["next"] = None
-        if B < n:
-            pool["gathered"] = None
-            return serial_step(_minibatch(x, index), beta, rng)
-        processes = helpers(B, (x.dtype, x.shape[1:]))
-        # rows gathered for this x and index fit the buffers they went to, which are kept then
-        gathered, pool["gathered"] = pool["gathered"], None
-        rows, eps = pool["rows"], pool["eps"]
-        cuts = parallel.split(B, n)
-        own = cuts[-2]   # this process's rows are [own, B)
-        ready = (gathered is not None and index is not None and gathered[0] is x
-                 and gathered[1] == index.dtype and gathered[2] == index.tobytes())
-
-        def fill(a, b):  # the stored rows [a, b) of the minibatch, unless the last step gathered them
-            if not ready:
-                rows[a:b] = x[a:b] if index is None else x[index[a:b]]
-        fill(0, own)
-        noise = prepare.noise(rng)
-
-        def before():  # once the helpers have started: their noise, then this process's rows and noise
-            rng.standard_normal(out=eps[:own], dtype=model.dtype)
-            processes.release()
-            fill(own, B)
-            rng.standard_normal(out=eps[own:B], dtype=model.dtype)
-        if next_index is not None:
-            pool["next"] = functools.partial(gather_ahead, x, next_index)
-        t, lr = optimizer.t + 1, optimizer.lr
-        with parallel.one_blas_thread():   # each process keeps to one core
-            return processes.run(0, [(a, b, B, beta, noise >> 32, noise & 0xFFFFFFFF, t, lr)
-                                     for a, b in [(own, B)] + list(zip(cuts, cuts[1:-1]))], before)[0]
-
-    def close():   # the next step makes new buffers and helpers
-        processes = pool.pop("processes", None)
-        pool["capacity"], pool["gathered"] = 0, None
-        if processes is not None:
-            processes.close()
-    step.close = close
-    return step
-
-
 def column_mean_std(x, dtype=np.float64, chunk=10000):
     """Per-dimension mean and standard deviation of stored rows, in chunks (x may be memory-mapped)."""
     s = np.zeros(x.shape[1]), np.zeros(x.shape[1])
@@ -513,20 +213,61 @@ def test_set(config, model, data_dir=None, seed=0):
                          np.random.default_rng([seed, 4]))
 
 
+def reference_step(model, optimizer, prepare, objective="elbo", k=1):
+    """make_step's step(x, beta, rng, index=None, next_index=None) by the reference loop,
+
+        loss, grads = model.loss_and_grads(x, rng=rng, ...)
+        optimizer.step(grads)
+
+    with x prepared from the stored rows x[index] as the engine prepares them
+    (the same binarization draws) and the same draws of eps, so that both
+    train the same way (tests/test_engine_step.py). -> (sum of log p(x|z) or
+    of the bound, sum of KL, |grad|^2); a step whose loss or gradient is not
+    finite changes nothing.
+    """
+    def step(x, beta, rng, index=None, next_index=None):
+        rows = x if index is None else x[np.asarray(index)]
+        if rows.shape[0] == 0:
+            raise ValueError("a minibatch needs at least one row: x (or x[index]) has none")
+        loss, grads, terms = model.loss_and_grads(prepare(rows, rng), rng=rng, k=k, beta=beta,
+                                                  objective=objective, terms=True)
+        g2 = sum(float(np.vdot(g, g)) for g in grads.values())
+        if objective == "elbo":
+            sums = float(np.sum(terms["log_px_z"], dtype=np.float64)), float(np.sum(terms["kl"], dtype=np.float64))
+        else:
+            sums = float(np.sum(terms["bound"], dtype=np.float64)), 0.0
+        if math.isfinite(sums[0]) and math.isfinite(sums[1]) and math.isfinite(g2):
+            optimizer.step(grads)
+        return sums[0], sums[1], g2
+    step.session = contextlib.nullcontext   # NumPy's BLAS keeps its threads
+    step.close = lambda: None
+    return step
+
+
 class Trainer:
     """Trains a VAE as config says and keeps its run directory up to date.
 
-    threads: how many threads share each minibatch (npvae.parallel); "auto"
-    is 2 where NumPy's OpenBLAS lets each thread keep to one BLAS thread,
-    else 1. Runs with different counts agree to float rounding; a run resumed
-    with the same count continues bit for bit. backend: "threads", or
-    "processes" (helper processes, on Linux x86-64), or "auto": processes
-    where they work. Both give the same numbers.
+    engine: "fast" (npvae.engine: FastVAE, FlatAdam and make_step's split
+    step) or "reference" (npvae.model.VAE and npvae.optim.Adam in the loop
+    of reference_step, on one Python thread). Both write the same kind of
+    run directory, and in float64 the same numbers to rounding.
+
+    threads (the fast engine only): how many threads or processes share each
+    minibatch (npvae.engine.parallel); "auto" is 2 where NumPy's OpenBLAS
+    lets each thread keep to one BLAS thread, else 1. Runs with different
+    counts agree to float rounding; a run resumed with the same count
+    continues bit for bit. backend: "threads", or "processes" (helper
+    processes, on Linux), or "auto": processes where they work. Both give
+    the same numbers.
     """
 
-    def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto"):
+    def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto",
+                 engine="fast"):
         self.config = config.validate()
-        self.threads = parallel.resolve_threads(threads)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+        self.engine = engine
+        self.threads = parallel.resolve_threads(threads) if engine == "fast" else 1
         self.backend = parallel.resolve_backend(backend, self.threads)
         self.out = Path(out)
         self.quiet, self.stream = quiet, stream
@@ -547,15 +288,24 @@ class Trainer:
             if lo < 0 or hi > 1:
                 raise ValueError(f"likelihood 'bernoulli' needs data in [0, 1]; {config.dataset} "
                                  f"has values in [{lo:g}, {hi:g}] (use --likelihood gaussian)")
-        self.model = VAE(self.data.dim, config.hidden, config.z_dim, likelihood=self.likelihood,
-                         activation=config.activation, dtype=np.dtype(config.dtype),
-                         seed=config.seed, x_sigma=config.x_sigma, shared=self.backend == "processes")
+        model_args = dict(x_dim=self.data.dim, hidden=config.hidden, z_dim=config.z_dim,
+                          likelihood=self.likelihood, activation=config.activation,
+                          dtype=np.dtype(config.dtype), seed=config.seed, x_sigma=config.x_sigma)
+        prepare = make_prepare(config.binarize, config.threshold, self.likelihood, self.data.kind,
+                               np.dtype(config.dtype))
+        if engine == "fast":
+            self.model = FastVAE(**model_args, shared=self.backend == "processes")
+            self.optimizer = FlatAdam(self.model.params, lr=config.lr)
+        else:
+            self.model = VAE(**model_args)
+            self.optimizer = Adam(self.model.params, lr=config.lr)
         if config.init_bias:
             init_output_bias(self.model, self.x_train)
-        self.optimizer = Adam(self.model.params, lr=config.lr)
-        self._step = make_step(self.model, self.optimizer, make_prepare(
-            config.binarize, config.threshold, self.likelihood, self.data.kind, self.model.dtype),
-            config.objective, config.k, self.threads, self.backend)
+        if engine == "fast":
+            self._step = make_step(self.model, self.optimizer, prepare, config.objective, config.k,
+                                   self.threads, self.backend)
+        else:
+            self._step = reference_step(self.model, self.optimizer, prepare, config.objective, config.k)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -570,7 +320,7 @@ class Trainer:
 
     def run_config(self):
         """What goes into config.json."""
-        return {"train": self.config.to_dict(), "model": self.model.config,
+        return {"train": self.config.to_dict(), "model": self.model.config, "engine": self.engine,
                 "data": {"name": self.data.name, "kind": self.data.kind, "dim": self.data.dim,
                          "image_shape": list(self.data.image_shape) if self.data.image_shape else None,
                          "n_train": int(self.x_train.shape[0]), "n_valid": int(self.x_valid.shape[0]),
@@ -585,19 +335,25 @@ class Trainer:
 
     @classmethod
     def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None, threads="auto",
-               backend="auto"):
-        """A Trainer in the state of run/checkpoint.npz; epochs may extend the run."""
+               backend="auto", engine=None):
+        """A Trainer in the state of run/checkpoint.npz; epochs may extend the run.
+
+        engine: None takes the run's own (config.json's "engine"; "fast" for runs
+        that predate it), so that a resumed run continues bit for bit; another
+        engine continues it to rounding.
+        """
         run = Path(run)
         if not (run / ckpt.CONFIG).is_file():
             raise FileNotFoundError(f"{run} is not a run directory (no {ckpt.CONFIG})")
         saved = ckpt.read_json(run / ckpt.CONFIG)
         config = TrainConfig.from_dict(saved["train"])
+        engine = saved.get("engine", "fast") if engine is None else engine
         if epochs is not None:
             config.epochs = epochs
         if data_dir is not None:
             config.data_dir = str(data_dir)
         state = ckpt.read_state(run / ckpt.LATEST)
-        trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads, backend=backend)
+        trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads, backend=backend, engine=engine)
         path = run / ckpt.LATEST
         ckpt.restore_params(trainer.model, state, path)
         trainer.optimizer.load_state_dict(ckpt.optimizer_state_of(state))

@@ -14,7 +14,6 @@ import pytest
 import scipy.io
 
 from npvae import data
-from npvae.train import make_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -750,120 +749,47 @@ def test_to_float_reads_memmaps(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_binarize_draws_bernoulli(dtype):
     rng = np.random.default_rng(0)
-    x = np.linspace(0, 1, 50, dtype=dtype)[None, :].repeat(4, axis=0)  # (4, 50)
-    draws = np.stack([data.binarize(x, rng) for _ in range(2000)])  # (2000, 4, 50)
+    x = np.linspace(0, 1, 51, dtype=dtype)[None, :].repeat(4, axis=0)  # (4, 51): p = 0, 0.02, ..., 1
+    draws = np.stack([data.binarize(x, rng) for _ in range(2000)])  # (2000, 4, 51)
     assert draws.dtype == dtype and set(np.unique(draws).tolist()) <= {0.0, 1.0}
-    # the mean of Bernoulli(x) draws is x; 2000 x 4 draws give a standard error below 0.006
-    np.testing.assert_allclose(draws.mean(axis=(0, 1)), x[0], atol=0.03)
-    assert not np.array_equal(draws[0], draws[1])  # a fresh sample each call
+    # the frequency of on-pixels is x, within binomial error: 8000 draws a level, 51 levels
+    p = x[0].astype(np.float64)
+    inner = slice(1, -1)
+    se = np.sqrt(p[inner] * (1 - p[inner]) / 8000)
+    assert np.max(np.abs(draws[:, :, inner].mean(axis=(0, 1)) - p[inner]) / se) < 5.0
     assert (draws[:, :, 0] == 0).all() and (draws[:, :, -1] == 1).all()  # p = 0 and p = 1 are certain
+    assert not np.array_equal(draws[0], draws[1])  # a fresh sample each call
+    # the pixels of a row are independent: two neighbours at p = 0.5 are both on a quarter of the time
+    half = np.full((20000, 2), 0.5, dtype)
+    both = data.binarize(half, rng).prod(axis=1).mean()
+    assert abs(both - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 20000)
 
 
-@pytest.mark.parametrize("D", [5, 7, 8, 9])
-@pytest.mark.parametrize("stored", ["floats", "bytes"])
-def test_binarize_draws_each_row_alike_whatever_block_it_is_in(stored, D):
-    # Processes binarize their own rows of a minibatch: a block that starts at
-    # row a draws what the whole batch draws for those rows.
-    grey = np.random.default_rng(0).integers(0, 256, (9, D), dtype=np.uint8)
-    as_stored = (lambda k: k) if stored == "bytes" else data.to_float
-    draw = data.binarize_bytes if stored == "bytes" else data.binarize_rows
-    x = as_stored(grey)
-    whole = draw(x, key=123)
-    blocks = [draw(x[a:b], key=123, first_row=a) for a, b in ((0, 3), (3, 4), (4, 9))]
-    np.testing.assert_array_equal(np.concatenate(blocks), whole)
-    assert not np.array_equal(draw(x, key=124), whole)                    # another key, other draws
-    same = draw(as_stored(np.full((9, D), 128, np.uint8)), key=123)
-    assert len({r.tobytes() for r in same}) > 1                           # each row has its own draws
-
-
-def test_binarize_is_binarize_rows_with_a_key_from_rng():
-    x = np.random.default_rng(0).random((9, 7)).astype(np.float32)
-    np.testing.assert_array_equal(data.binarize(x, np.random.default_rng(5)), data.binarize_rows(
-        x, data.binarize_key(np.random.default_rng(5))))
-
-
-def test_binarize_key_and_the_streams_of_keys():
-    # binarize_key: one raw 64-bit draw of the generator, its top 63 bits
-    rng, twin = np.random.default_rng(8), np.random.default_rng(8)
-    keys = [data.binarize_key(rng) for _ in range(200)]
-    assert keys == [int(w) >> 1 for w in twin.bit_generator.random_raw(200)]
-    assert all(0 <= k < 2**63 for k in keys) and max(keys) > 2**62 and len(set(keys)) == 200
-    assert rng.random() == twin.random()                 # the generator goes on in step
-    # each key's words are uniform, and keys next to each other are unrelated
-    words = np.stack([data._row_words(k, 0, 4, 1000, np.uint16) for k in (0, 1, 2, 2**64 - 1)])
-    assert words.dtype == np.uint16 and words.shape == (4, 4, 1000)
-    for w in words:
-        assert abs(w.mean() / 65535 - 0.5) < 0.02        # 4000 uniform words: standard error 0.005
-    for a, b in ((0, 1), (1, 2), (0, 3)):
-        assert np.mean(words[a] == words[b]) < 0.01       # equal by chance: 1 in 65536
-    # a thread's stream is started afresh each call: the same key, the same words
-    np.testing.assert_array_equal(data._row_words(1, 0, 4, 1000, np.uint16), words[1])
-    with pytest.raises(ValueError, match="key"):
-        data.binarize_rows(np.zeros((1, 3), np.float32), key=2**64)
-    with pytest.raises(ValueError, match="key"):
-        data.binarize_bytes(np.zeros((1, 3), np.uint8), key=-1)
-    with pytest.raises(TypeError, match="key must be an integer"):
-        data.binarize_bytes(np.zeros((1, 3), np.uint8), key=1.5)
-
-
-def test_row_words_in_threads_at_once_are_each_their_own():
-    # the PCG64 that _row_words restarts is one per thread: threads drawing at once do not mix
-    import threading
-    expected = {k: data._row_words(k, 3, 20, 784, np.uint16).copy() for k in range(4)}
-    failures, start = [], threading.Barrier(4)
-
-    def draw(k):
-        start.wait()
-        for _ in range(200):
-            if not np.array_equal(data._row_words(k, 3, 20, 784, np.uint16), expected[k]):
-                failures.append(k)
-                return
-    threads = [threading.Thread(target=draw, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_binarize_bytes_draws_bernoulli_of_the_grey_level(dtype):
-    k = np.arange(256, dtype=np.uint8)[None, :].repeat(2000, axis=0)   # every grey level, 2000 rows
-    draws = np.stack([data.binarize_bytes(k, key, dtype=dtype) for key in range(20)])  # 40 000 a level
-    assert draws.dtype == dtype and set(np.unique(draws).tolist()) <= {0.0, 1.0}
-    assert (draws[..., 0] == 0).all() and (draws[..., 255] == 1).all()   # k = 0 never, k = 255 always
-    assert data.binarize_bytes(np.full((1000, 512), 255, np.uint8), 5).all()  # w = 65535: ~8 a run if missed
-    p = np.arange(255) * 257 / 65536                                     # k/255 (1 - 2^-16) below 255
-    mean = draws[..., :255].mean(axis=(0, 1))
-    se = np.sqrt(p * (1 - p) / 40000) + 1e-9
-    assert np.max(np.abs(mean - p) / se) < 5.5                          # 254 levels, 5.5 standard errors
-    np.testing.assert_allclose(p, np.arange(255) / 255, atol=2.0 ** -16)
-    # the same image, prepared for training: the bytes path, with no float pass on the way
-    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", dtype)
-    np.testing.assert_array_equal(prepare.rows(k[:3], 77, 0), data.binarize_bytes(k[:3], 77, dtype=dtype))
-    x = data.to_float(k[:3], dtype)
-    np.testing.assert_array_equal(prepare.rows(x, 77, 0), data.binarize_rows(x, 77))   # floats: as before
-    with pytest.raises(TypeError, match="2-D uint8"):
-        data.binarize_bytes(x, key=1)
-    with pytest.raises(TypeError, match="2-D uint8"):
-        data.binarize_bytes(k[0], key=1)
-    # written into a given array: the same draws, in it
-    out = np.full((3, 256), np.nan, dtype)
-    assert prepare.rows(k[:3], 77, 0, out=out) is out
-    np.testing.assert_array_equal(out, data.binarize_bytes(k[:3], 77, dtype=dtype))
-    for bad in (np.empty((2, 256), dtype), np.empty((3, 256), np.float16), [[0.0] * 256] * 3):
-        with pytest.raises(ValueError, match=f"out must be a {np.dtype(dtype)} array of shape \\(3, 256\\)"):
-            data.binarize_bytes(k[:3], 77, dtype=dtype, out=bad)
+def test_binarize_is_the_textbook_draw():
+    # pixel d is on when u_d < x_d, u_d = rng.random in x's dtype: one uniform per pixel, in order
+    x = np.random.default_rng(1).random((9, 7))
+    for dtype in (np.float32, np.float64):
+        xd = x.astype(dtype)
+        expected = (np.random.default_rng(5).random(xd.shape, dtype=dtype) < xd).astype(dtype)
+        np.testing.assert_array_equal(data.binarize(xd, np.random.default_rng(5)), expected)
 
 
 def test_binarize_threshold_and_arguments():
-    x = np.array([[0.2, 0.5, 0.7]], np.float32)
-    out = data.binarize(x, threshold=0.5)
-    assert out.dtype == np.float32 and out.tolist() == [[0.0, 0.0, 1.0]]
-    with pytest.raises(TypeError):
+    for dtype in (np.float32, np.float64):
+        x = np.array([[0.2, 0.5, 0.7], [0.0, 0.51, 1.0]], dtype)
+        out = data.binarize(x, threshold=0.5)
+        assert out.dtype == dtype and out.tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]   # on above, not at
+    # a threshold draws nothing, even when an rng is given
+    rng, twin = np.random.default_rng(2), np.random.default_rng(2)
+    assert data.binarize(x, rng, threshold=0.5).tolist() == out.tolist()
+    assert rng.random() == twin.random()
+    with pytest.raises(TypeError, match="rng=np.random.Generator"):
         data.binarize(x)  # a draw needs an rng
-    with pytest.raises(TypeError):
-        data.binarize(np.array([[0, 255]], np.uint8), np.random.default_rng(0))  # to_float first
+    with pytest.raises(TypeError, match="rng=np.random.Generator.*got int"):
+        data.binarize(x, 0)  # a seed is not a generator
+    for bad in (np.array([[0, 255]], np.uint8), np.array([0.5, 0.5], np.float32), np.zeros((1, 2), np.float16)):
+        with pytest.raises(TypeError, match="x must be a 2-D float32 or float64 array"):
+            data.binarize(bad, np.random.default_rng(0))  # to_float first
 
 
 def test_split_validation():

@@ -124,18 +124,6 @@ def linear():
 
 # --- log_likelihood: importance sampling ---------------------------------------------------------------
 
-def test_bernoulli_with_a_work_buffer_equals_the_models(rng=np.random.default_rng(0)):
-    """The chunked Bernoulli term is the model's log p(x|z), also for grey x and extreme logits."""
-    x = rng.random((3, 9))
-    x[0] = (x[0] > 0.5)
-    logits = 3.0 * rng.standard_normal((3, 7, 9))
-    logits[1, 0, :3] = [-300.0, 300.0, 0.0]
-    work = np.full(logits.size + 5, np.nan)
-    got = ev._bernoulli_log_px_z(x, logits, work)
-    want = np.sum(x[:, None, :] * logits - np.logaddexp(0.0, logits), axis=-1)
-    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-12)
-
-
 def test_chunking_does_not_change_the_estimate(binary):
     model, x, _ = binary
     full = ev.log_likelihood(model, x, k=300, rng=np.random.default_rng(5))
@@ -144,6 +132,22 @@ def test_chunking_does_not_change_the_estimate(binary):
         chunked = ev.log_likelihood(model, x, k=300, rng=np.random.default_rng(5),
                                     batch_size=batch_size, chunk=chunk)
         np.testing.assert_allclose(chunked, full, rtol=1e-13, atol=1e-13)
+
+
+def test_each_example_draws_from_its_own_stream(binary):
+    # what lets the engine split the examples over threads: the estimates of a
+    # block of examples, given their seeds, are the whole set's for those examples
+    model, x, _ = binary
+    seeds = np.random.default_rng(7).integers(2 ** 63, size=x.shape[0])
+    whole = ev.log_likelihood_of_seeds(model, x, 50, seeds, batch_size=4, chunk=16)
+    parts = [ev.log_likelihood_of_seeds(model, x[a:b], 50, seeds[a:b], batch_size=4, chunk=16)
+             for a, b in ((0, 11), (11, 12), (12, 30))]
+    np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-13, atol=1e-13)
+    reseeded = seeds.copy()
+    reseeded[3] += 1                                     # one example's stream changes only its estimate
+    moved = ev.log_likelihood_of_seeds(model, x, 50, reseeded, batch_size=4, chunk=16)
+    assert abs(moved[3] - whole[3]) > 1e-6
+    np.testing.assert_allclose(np.delete(moved, 3), np.delete(whole, 3), rtol=1e-13, atol=1e-13)
 
 
 def test_float32_model_chunked_and_against_float64():
@@ -224,7 +228,7 @@ def test_given_q_equals_the_encoders(binary):
 def test_progress_reports_every_batch(binary):
     model, x, _ = binary
     calls = []
-    ev.log_likelihood(model, x, k=20, rng=np.random.default_rng(0), batch_size=8, threads=1,
+    ev.log_likelihood(model, x, k=20, rng=np.random.default_rng(0), batch_size=8,
                       progress=lambda done, total: calls.append((done, total)))
     assert calls == [(8, 30), (16, 30), (24, 30), (30, 30)]
 
@@ -391,7 +395,7 @@ def test_iwae_loss_gradient_matches_finite_differences():
         model = VAE(6, (5, 4), 3, likelihood=likelihood, activation=activation, dtype=np.float64, seed=2)
         x = rng.random((4, 6)) if likelihood == "bernoulli" else rng.standard_normal((4, 6))
         eps = rng.standard_normal((4, 5, 3))
-        _, grads = model.loss_and_grads(x, eps=eps, k=5)
+        _, grads = model.loss_and_grads(x, eps=eps, k=5, copy=True)
         errors = check_entries(lambda: model.loss_and_grads(x, eps=eps, k=5)[0], model.params, grads)
         assert max(errors.values()) < TOLERANCE, errors
 

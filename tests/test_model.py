@@ -9,7 +9,6 @@ from scipy.stats import multivariate_normal
 from npvae import VAE
 from npvae import distributions as dist
 from npvae.gradcheck import TOLERANCE, check_entries, numerical_gradient
-from npvae.model import SplitBatch
 
 KINKED = ("relu", "leaky_relu", "elu")
 
@@ -181,7 +180,7 @@ def test_loss_and_grads_is_the_gradient_of_its_loss(likelihood, x_sigma, k, beta
     x = data(model, rng, B=5)
     eps = rng.standard_normal((5, model.z_dim) if k == 1 else (5, k, model.z_dim))
     f = lambda: model.loss_and_grads(x, eps, k=k, beta=beta)[0]  # noqa: E731
-    _, grads = model.loss_and_grads(x, eps, k=k, beta=beta)
+    _, grads = model.loss_and_grads(x, eps, k=k, beta=beta, copy=True)
     errors = check_entries(f, model.params, grads)
     assert max(errors.values()) <= TOLERANCE, errors
 
@@ -214,23 +213,29 @@ def test_grads_have_the_keys_and_shapes_of_params(model_and_data):
         assert list(grads) == list(model.params)
         for name, p in model.params.items():
             assert grads[name].shape == p.shape and grads[name].dtype == p.dtype
-            assert not np.shares_memory(grads[name], model.flat_grads)  # copy=True
         assert sum(g.size for g in grads.values()) == model.n_params
 
 
-def test_copy_false_returns_the_model_buffers(model_and_data):
+def test_grads_are_the_model_buffers_unless_copied(model_and_data):
+    # By default, as a training loop wants: the model's own buffers, which the next call overwrites.
     model, x, rng = model_and_data
-    _, grads = model.loss_and_grads(x, rng=rng, copy=False)
+    _, grads = model.loss_and_grads(x, rng=rng)
     for name in model.params:
         assert grads[name] is model.grads[name]
         assert np.shares_memory(grads[name], model.flat_grads)
+    kept = {n: g.copy() for n, g in grads.items()}
+    _, copied = model.loss_and_grads(x, rng=rng, copy=True)
+    for name in model.params:
+        assert not np.shares_memory(copied[name], model.flat_grads)
+        np.testing.assert_array_equal(copied[name], model.grads[name])
+    assert any(not np.array_equal(kept[n], copied[n]) for n in kept)   # other noise, another gradient
 
 
 def test_fixed_eps_is_deterministic(model_and_data):
     model, x, rng = model_and_data
     for eps in (rng.standard_normal((5, model.z_dim)), rng.standard_normal((5, 4, model.z_dim))):
         k = 1 if eps.ndim == 2 else 4
-        loss1, g1 = model.loss_and_grads(x, eps, k=k)
+        loss1, g1 = model.loss_and_grads(x, eps, k=k, copy=True)
         model.loss_and_grads(x, rng=rng, k=k)  # something else in between
         loss2, g2 = model.loss_and_grads(x, eps, k=k)
         assert loss1 == loss2
@@ -251,8 +256,8 @@ def test_beta_scales_the_kl(model_and_data):
     # The reconstruction-only gradient, straight from backward.
     model.forward(x, eps)
     recon_only = copy_grads(model.backward(np.full(B, -1.0 / B), np.zeros(B)))
-    loss0, g0 = model.loss_and_grads(x, eps, beta=0.0)
-    loss1, g1 = model.loss_and_grads(x, eps, beta=1.0)
+    loss0, g0 = model.loss_and_grads(x, eps, beta=0.0, copy=True)
+    loss1, g1 = model.loss_and_grads(x, eps, beta=1.0, copy=True)
     assert loss0 == pytest.approx(-np.mean(log_px_z), rel=1e-13)
     for name in g0:
         np.testing.assert_allclose(g0[name], recon_only[name], rtol=1e-13, atol=1e-15)
@@ -269,12 +274,41 @@ def test_k_greater_than_one_is_the_iwae_bound(model_and_data):
     model, x, rng = model_and_data
     B, K = x.shape[0], 4
     eps = rng.standard_normal((B, K, model.z_dim))
-    loss, grads = model.loss_and_grads(x, eps, k=K)
+    loss, grads = model.loss_and_grads(x, eps, k=K, copy=True)
     assert loss == pytest.approx(-np.mean(model.iwae_bound(x, K, eps)), rel=1e-13)
     model.forward_iwae(x, eps)
     expected = model.backward_iwae(np.full(B, -1.0 / B))
     for name in grads:
         np.testing.assert_allclose(grads[name], expected[name], rtol=1e-13, atol=1e-15)
+
+
+def test_objective_iwae_with_one_sample_is_the_bound_not_the_analytic_elbo(model_and_data):
+    # objective="iwae", k=1: the single-sample bound, whose KL is Monte Carlo (log p(z) - log q(z|x)).
+    model, x, rng = model_and_data
+    eps = rng.standard_normal((x.shape[0], 1, model.z_dim))
+    loss, grads = model.loss_and_grads(x, eps, k=1, objective="iwae", copy=True)
+    assert loss == pytest.approx(-np.mean(model.iwae_bound(x, 1, eps)), rel=1e-13)
+    model.forward_iwae(x, eps)
+    expected = model.backward_iwae(np.full(x.shape[0], -1.0 / x.shape[0]))
+    for name in grads:
+        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-13, atol=1e-15)
+    assert loss != pytest.approx(model.loss_and_grads(x, eps[:, 0])[0], rel=1e-6)   # not the closed-form KL
+    with pytest.raises(ValueError, match="objective"):
+        model.loss_and_grads(x, k=3, objective="elbo")
+
+
+def test_terms_are_the_per_example_values_of_the_loss(model_and_data):
+    model, x, rng = model_and_data
+    eps = rng.standard_normal((x.shape[0], model.z_dim))
+    loss, _, terms = model.loss_and_grads(x, eps, beta=0.4, terms=True)
+    log_px_z, kl = model.elbo_terms(x, eps)
+    np.testing.assert_array_equal(terms["log_px_z"], log_px_z)
+    np.testing.assert_array_equal(terms["kl"], kl)
+    assert loss == pytest.approx(-np.mean(log_px_z - 0.4 * kl), rel=1e-13)
+    eps = rng.standard_normal((x.shape[0], 3, model.z_dim))
+    loss, _, terms = model.loss_and_grads(x, eps, k=3, terms=True)
+    np.testing.assert_allclose(terms["bound"], model.iwae_bound(x, 3, eps), rtol=1e-13)
+    assert loss == pytest.approx(-np.mean(terms["bound"]), rel=1e-13)
 
 
 def test_eps_shape_must_match_k(model_and_data):
@@ -500,7 +534,7 @@ def _outputs(model, rng):
     out["elbo_terms.log_px_z"], out["elbo_terms.kl"] = model.elbo_terms(x, rng=rng)
     out["iwae_bound"] = model.iwae_bound(x, 3, rng=rng)
     for k in (1, 3):
-        _, grads = model.loss_and_grads(x, rng=rng, k=k)
+        _, grads = model.loss_and_grads(x, rng=rng, k=k, copy=True)
         out.update({f"grads(k={k})[{n}]": g for n, g in grads.items()})
     out["sample"] = model.sample(4, rng=rng)
     out["reconstruct"] = model.reconstruct(x)
@@ -516,36 +550,23 @@ def test_outputs_keep_the_model_dtype(likelihood, x_sigma, dtype):
     assert not wrong, f"silently changed dtype: {wrong}"
 
 
-@pytest.mark.parametrize("bound", [False, True], ids=["model", "split-batch"])
 @pytest.mark.parametrize("likelihood, activation, x_sigma", MODELS, ids=MODEL_IDS)
-def test_float32_training_passes_stay_in_float32(likelihood, activation, x_sigma, bound, float64_watch):
+def test_float32_training_passes_stay_in_float32(likelihood, activation, x_sigma, float64_watch):
     # The training step's forward and backward (ELBO and IWAE): every ufunc
-    # pass that touches data computed from x or eps runs in float32. Bound:
-    # the same by a replica bound to a SplitBatch (the split training step),
-    # and the weight gradients computed from it afterwards.
+    # pass that touches data computed from x or eps runs in float32.
     watch, log = float64_watch
     model = small_model(likelihood, activation, x_sigma, dtype=np.float32, generic=False)
     rng = np.random.default_rng(0)
     x = watch(data(model, rng, B=5).astype(np.float32))
     for k in (1, 3):
-        net = model
-        if bound:
-            batch = SplitBatch(model, 5, k)
-            batch.inputs = {name: watch(a) for name, a in batch.inputs.items()}
-            batch.da = {name: watch(a) for name, a in batch.da.items()}
-            net = model.replica()
-            net.bind_rows(batch, 0, 5)
         eps = watch(rng.standard_normal((5, model.z_dim) if k == 1 else (5, k, model.z_dim)).astype(np.float32))
         if k == 1:
-            net.forward(x, eps)
-            net.backward(np.full(5, -0.2), np.full(5, 0.2))
+            model.forward(x, eps)
+            model.backward(np.full(5, -0.2), np.full(5, 0.2))
         else:
-            net.forward_iwae(x, eps)
-            net.backward_iwae(np.full(5, -0.2))
-        if bound:
-            for start, stop in model.grad_ranges(2):
-                batch.weight_grads(start, stop, 5)
-    assert log.calls > (100 if bound else 50) and log == []
+            model.forward_iwae(x, eps)
+            model.backward_iwae(np.full(5, -0.2))
+    assert log.calls > 50 and log == []
 
 
 def test_float32_input_to_float64_model_is_computed_in_float64():
@@ -667,7 +688,7 @@ def test_extreme_inputs_stay_finite(likelihood, x_sigma, log_sigma_bias, x_value
                    "elbo": model.elbo(x, rng=np.random.default_rng(0)),
                    "iwae": model.iwae_bound(x, 3, rng=np.random.default_rng(0))}
         for k in (1, 3):
-            loss, grads = model.loss_and_grads(x, rng=np.random.default_rng(1), k=k)
+            loss, grads = model.loss_and_grads(x, rng=np.random.default_rng(1), k=k, copy=True)
             results[f"loss(k={k})"] = np.array(loss)
             results.update({f"grads(k={k})[{n}]": g for n, g in grads.items()})
     bad = [n for n, v in results.items() if not np.all(np.isfinite(v))]

@@ -1,11 +1,12 @@
 """Adam and SGD: single steps against hand arithmetic, in-place updates, state, validation, training."""
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from npvae import SGD, VAE, Adam
+from npvae import SGD, VAE, Adam, checkpoint
 
 
 def one_param(values):
@@ -113,15 +114,14 @@ def test_optimizer_updates_the_model_flat_buffer(make, dtype):
     assert model.flat_params.dtype == dtype
     for n, p in model.params.items():
         assert p is views[n] and np.shares_memory(p, model.flat_params)
-    # The update is exactly what the optimizer computed on the views, and the
-    # alignment padding between views (flat entries no view covers) stays zero.
-    covered = np.zeros(model.flat_params.size, dtype=bool)
-    base = model.flat_params.ctypes.data
+    # The views tile the buffer exactly, in order, so the update is the one computed on them.
+    offset = 0
     for n, p in model.params.items():
-        start = (p.ctypes.data - base) // p.itemsize
+        start = (p.ctypes.data - model.flat_params.ctypes.data) // p.itemsize
+        assert start == offset
         np.testing.assert_array_equal(model.flat_params[start:start + p.size], p.ravel())
-        covered[start:start + p.size] = True
-    assert np.all(model.flat_params[~covered] == 0)
+        offset += p.size
+    assert offset == model.flat_params.size
 
 
 def test_step_does_not_change_grads():
@@ -168,7 +168,7 @@ def test_state_dict_round_trip(make):
 def test_state_dict_holds_plain_arrays_named_by_parameter():
     params = {"enc.W": np.zeros((2, 2)), "enc.b": np.zeros(2)}
     state = Adam(params, lr=0.1).state_dict()
-    assert set(state) == {"t", "lr", "m/enc.W", "m/enc.b", "v/enc.W", "v/enc.b", "m.scale", "v.scale"}
+    assert set(state) == {"t", "lr", "m/enc.W", "m/enc.b", "v/enc.W", "v/enc.b"}
     assert all(isinstance(v, (np.ndarray, np.generic)) for v in state.values())
     buffer = io.BytesIO()
     np.savez(buffer, **state)
@@ -295,7 +295,7 @@ def test_float32_steps_make_no_float64_passes(make, float64_watch):
     # turn a float32 pass into a float64 one (twice as slow, same rounding).
     watch, log = float64_watch
     rng = np.random.default_rng(0)
-    flat = watch(np.zeros(12, np.float32))   # the views tile one buffer: the flat fast path
+    flat = watch(np.zeros(12, np.float32))   # the views tile one buffer, as a VAE's do
     params = {"a": flat[:5], "b": flat[5:].reshape(7, 1)}
     grads_flat = watch(rng.standard_normal(12).astype(np.float32))
     grads = {"a": grads_flat[:5], "b": grads_flat[5:].reshape(7, 1)}
@@ -306,21 +306,7 @@ def test_float32_steps_make_no_float64_passes(make, float64_watch):
     assert log.calls > 0 and log == []
 
 
-def test_flat_and_per_array_grads_give_the_same_steps_in_any_order():
-    # A step remembers the layout of the last grads it saw; other arrays must be looked at afresh.
-    # (Equal to rounding, not bit for bit: BLAS's axpy may round an element by a fused
-    # multiply-add or not, depending on where it falls in the array it is given.)
-    models = [VAE(6, (5,), 3, dtype=np.float64, seed=0) for _ in range(2)]
-    opts = [Adam(m.params, lr=0.01) for m in models]
-    x = np.random.default_rng(0).random((4, 6))
-    for i in range(4):
-        for m, opt, flat in zip(models, opts, (True, i % 2 == 0)):
-            _, grads = m.loss_and_grads(x, rng=np.random.default_rng(i), copy=not flat)
-            opt.step(grads)
-    np.testing.assert_allclose(models[0].flat_params, models[1].flat_params, rtol=1e-13, atol=1e-15)
-
-
-# --- Adam's scaled moments ------------------------------------------------------------------------
+# --- Adam over many steps, and its state --------------------------------------------------------------
 
 def reference_adam(w, grads, lr, beta1, beta2, eps):
     """Algorithm 1 of Kingma & Ba, line by line, in float64: -> (w, m, v) after the steps."""
@@ -335,10 +321,9 @@ def reference_adam(w, grads, lr, beta1, beta2, eps):
 
 @pytest.mark.parametrize("beta1, beta2", [(0.9, 0.999), (0.5, 0.7), (0.0, 0.9), (0.3, 0.0)])
 @pytest.mark.parametrize("flat", [True, False])
-def test_adam_matches_algorithm_1_over_many_rescalings(beta1, beta2, flat):
-    # The moments are stored as m / beta1^(t mod R1) and v / beta2^(t mod R2) and
-    # rescaled every R steps (R1 = 21 for beta1 = 0.5, 39 for beta2 = 0.7, 1 for 0):
-    # 130 steps cross several rescalings, and the steps and moments must be Algorithm 1's.
+def test_adam_matches_algorithm_1_over_many_steps(beta1, beta2, flat):
+    # 130 steps with gradients over five orders of magnitude, on views of one buffer (as a
+    # VAE's params) or separate arrays: the steps and the moments are Algorithm 1's.
     rng = np.random.default_rng(5)
     n = 37
     grads = [rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 2, n) for _ in range(130)]
@@ -360,7 +345,7 @@ def test_adam_matches_algorithm_1_over_many_rescalings(beta1, beta2, flat):
 
 
 def test_adam_updates_arrays_that_are_not_contiguous():
-    # BLAS's axpy needs contiguous arrays; others take the NumPy path, still in place.
+    # A strided view is updated in place, as a contiguous array is.
     rng = np.random.default_rng(6)
     base = rng.standard_normal((4, 6))
     strided = {"w": base[:, ::2]}                  # a view with gaps: no flat layout, no BLAS
@@ -375,31 +360,38 @@ def test_adam_updates_arrays_that_are_not_contiguous():
     np.testing.assert_allclose(base[:, ::2], plain["w"], rtol=1e-12)
 
 
-def test_adam_state_loads_from_the_moments_themselves_or_scaled():
-    rng = np.random.default_rng(7)
-    grads = [{"w": rng.standard_normal(5)} for _ in range(30)]
-    a = Adam(one_param(np.zeros(5)), lr=0.01, beta1=0.5)
-    for g in grads[:25]:   # t = 25: past one rescaling (R1 = 21), mid-period
-        a.step(g)
-    saved = a.state_dict()
-    assert saved["m.scale"] == 0.5 ** 4 and saved["v.scale"] == 0.999 ** 25
-    # The moments themselves, as an optimizer without scaled state would save them (no '.scale' keys).
-    plain = {k: v for k, v in saved.items() if not k.endswith(".scale")}
-    plain["m/w"], plain["v/w"] = a.state["m"]["w"], a.state["v"]["w"]
-    exact, from_plain = Adam(one_param(a.params["w"]), lr=0.01, beta1=0.5), Adam(one_param(a.params["w"]), lr=0.01, beta1=0.5)
-    exact.load_state_dict(saved)
-    from_plain.load_state_dict(plain)
-    for g in grads[25:]:
-        for opt in (a, exact, from_plain):
-            opt.step(g)
-    np.testing.assert_array_equal(exact.params["w"], a.params["w"])       # bit for bit
-    np.testing.assert_allclose(from_plain.params["w"], a.params["w"], rtol=1e-13)
+
+
+def test_adam_betas_are_hyperparameters_like_the_others():
+    # beta1 changed between steps: the next step decays m by the new beta1 and corrects by 1 - beta1^t.
+    params = one_param([1.0])
+    opt = Adam(params, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
+    opt.step({"w": np.array([1.0])})            # m = 0.1, v = 0.01
+    opt.beta1 = 0.5
+    opt.step({"w": np.array([3.0])})            # m = 0.5 * 0.1 + 0.5 * 3 = 1.55; v = 0.99 * 0.01 + 0.01 * 9 = 0.0999
+    m_hat, v_hat = 1.55 / (1 - 0.5 ** 2), 0.0999 / (1 - 0.99 ** 2)
+    assert opt.state["m"]["w"][0] == pytest.approx(1.55, rel=1e-15)
+    assert opt.state["v"]["w"][0] == pytest.approx(0.0999, rel=1e-14)
+    step1 = 0.1 * 1.0 / (1.0 + 1e-8)          # the first step is lr * g / (|g| + eps)
+    assert params["w"][0] == pytest.approx(1.0 - step1 - 0.1 * m_hat / (np.sqrt(v_hat) + 1e-8), rel=1e-14)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_scaled_adam"
+
+
+def test_adam_loads_the_scaled_moments_of_checkpoints_written_before_it_kept_true_ones():
+    # Written by c0057fe's Adam, which stored M = m / beta^(t mod R) and the factor ('m.scale').
+    state = checkpoint.optimizer_state_of(checkpoint.read_state(FIXTURE / "checkpoint.npz"))
+    assert 0.0 < float(state["m.scale"]) < 0.2 and float(state["v.scale"]) < 1.0   # really scaled
+    with np.load(FIXTURE / "expected_moments.npz") as f:
+        expected = {k: f[k] for k in f.files}
+    params = {k[2:]: np.zeros_like(v) for k, v in expected.items() if k.startswith("m/")}
+    opt = Adam(params)
+    opt.load_state_dict(state)
+    assert opt.t == int(expected["t"]) == 18
+    for s in ("m", "v"):
+        for name in params:
+            np.testing.assert_allclose(opt.state[s][name], expected[f"{s}/{name}"], rtol=1e-6, atol=1e-30)
+    assert set(opt.state_dict()) == {"t", "lr"} | {f"{s}/{n}" for s in ("m", "v") for n in params}   # true ones now
     with pytest.raises(ValueError, match=r"m\.scale"):
-        Adam(one_param(np.zeros(5))).load_state_dict(dict(saved, **{"m.scale": np.float64(0.0)}))
-
-
-def test_adam_betas_are_fixed():
-    opt = Adam(one_param([1.0]), beta1=0.8)
-    assert opt.beta1 == 0.8 and opt.beta2 == 0.999
-    with pytest.raises(AttributeError):
-        opt.beta1 = 0.5    # the stored moments are scaled by powers of beta1
+        Adam(params).load_state_dict(dict(state, **{"m.scale": np.float64(0.0)}))

@@ -115,10 +115,12 @@ def test_run_until_stops_between_stages_without_changing_the_run(tmp_path):
     assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "staged"))
 
 
-def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path):
-    Trainer(tiny(epochs=4), tmp_path / "full", quiet=True).run()
-    Trainer(tiny(epochs=2), tmp_path / "part", quiet=True).run()
-    t = Trainer.resume(tmp_path / "part", epochs=4, quiet=True)
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path, engine):
+    Trainer(tiny(epochs=4), tmp_path / "full", quiet=True, engine=engine).run()
+    Trainer(tiny(epochs=2), tmp_path / "part", quiet=True, engine=engine).run()
+    t = Trainer.resume(tmp_path / "part", epochs=4, quiet=True)   # on the run's own engine
+    assert t.engine == engine and ckpt.read_json(tmp_path / "part" / ckpt.CONFIG)["engine"] == engine
     assert t.epoch == 2 and len(t.history["valid_elbo"]) == 2
     t.run()
     assert t.history["epoch"] == [1.0, 2.0, 3.0, 4.0]
@@ -130,9 +132,10 @@ def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path):
             assert np.array_equal(full[k], part[k]), k
 
 
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
-    Trainer(tiny(epochs=3), tmp_path / "full", quiet=True).run()
-    t = Trainer(tiny(epochs=3), tmp_path / "cut", quiet=True)
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, engine):
+    Trainer(tiny(epochs=3), tmp_path / "full", quiet=True, engine=engine).run()
+    t = Trainer(tiny(epochs=3), tmp_path / "cut", quiet=True, engine=engine)
     original = t._step   # (on threads or helper processes, whichever the machine takes)
     calls = []
 
@@ -149,6 +152,54 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path):
     assert int(state["epoch"]) == 1 and int(state["step"]) == 5 and "extra/perm" in state
     Trainer.resume(tmp_path / "cut", quiet=True).run()
     assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("dataset, binarize", [("shapes", "dynamic"), ("pinwheel", "none")])
+def test_the_reference_engine_trains_the_same_run_as_the_fast_one(tmp_path, dataset, binarize):
+    # In float64 the two engines' runs agree to rounding, and write the same kind of run directory.
+    config = dict(dataset=dataset, binarize=binarize, dtype="float64", epochs=2)
+    fast = Trainer(tiny(**config), tmp_path / "fast", quiet=True)
+    reference = Trainer(tiny(**config), tmp_path / "reference", quiet=True, engine="reference")
+    assert type(reference.model).__name__ == "VAE" and type(reference.optimizer).__name__ == "Adam"
+    assert fast.run() == reference.run() == "done"
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "reference").iterdir())
+    a, b = params_of(tmp_path / "fast"), params_of(tmp_path / "reference")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-9, atol=1e-9 * np.abs(a[k]).max(), err_msg=k)
+    np.testing.assert_allclose(reference.history["train_elbo"], fast.history["train_elbo"], rtol=1e-10)
+    # each resumes the other's run
+    Trainer.resume(tmp_path / "fast", epochs=3, quiet=True, engine="reference").run()
+    Trainer.resume(tmp_path / "reference", epochs=3, quiet=True).run()
+    a, b = params_of(tmp_path / "fast"), params_of(tmp_path / "reference")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-9, atol=1e-9 * np.abs(a[k]).max(), err_msg=k)
+
+
+def test_cli_engine_reference_and_a_bad_engine(tmp_path, capsys):
+    assert main(["train", "--dataset", "shapes", "--epochs", "1", "--n-train", "300", "--n-valid", "100",
+                 "--hidden", "16", "--z-dim", "2", "--engine", "reference", "--quiet",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "checkpoint.npz").is_file()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Trainer(tiny(), tmp_path / "x", quiet=True, engine="turbo")
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_run_written_by_the_scaled_moment_adam_resumes(tmp_path, engine):
+    # tests/fixtures/run_scaled_adam: written by c0057fe, whose Adam saved m / beta1^(t mod R) and the factor.
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(REPO / "tests" / "fixtures" / "run_scaled_adam", run)
+    with np.load(run / "expected_moments.npz") as f:
+        expected = {k: f[k] for k in f.files}
+    t = Trainer.resume(run, epochs=4, quiet=True, data_dir=None, engine=engine)
+    for s in ("m", "v"):
+        for name in t.model.params:
+            np.testing.assert_allclose(t.optimizer.state[s][name], expected[f"{s}/{name}"], rtol=1e-6, atol=1e-30)
+    assert t.optimizer.t == 18 and t.run() == "done" and t.optimizer.t == 24
+    assert np.all(np.isfinite(t.history["train_elbo"]))
 
 
 def test_early_stopping(tmp_path):

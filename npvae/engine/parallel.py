@@ -3,13 +3,13 @@
 NumPy's element-wise operations (activations, the likelihood, Adam) run on
 one core, and the matrix products of a VAE's minibatch are too small for
 OpenBLAS's own threads to gain much. So a step splits the minibatch instead
-(npvae.train.make_step):
+(npvae.engine.step.make_step):
 
     thread j:  forward and backward on rows [a_j, b_j) of the batch, with
                upstream gradient -1/B per row (B the whole batch), by its
                own replica (model.replica()), which writes each layer's
                input x and local gradient da into those rows of one
-               whole-batch SplitBatch (npvae.model), not weight gradients
+               whole-batch SplitBatch (npvae.engine.model), not weight gradients
     thread j:  the weight gradients dW = x^T da, db = sum of da over the
                whole batch, on range j of the flat gradient buffer
                (model.grad_ranges: whole rows of each weight matrix)
@@ -22,7 +22,7 @@ timing). NumPy releases the GIL inside its loops and BLAS calls, which is
 what lets the threads overlap. While the threads run, OpenBLAS is asked for one
 BLAS thread (openblas_set_num_threads_local, OpenBLAS >= 0.3.27), so the
 threads do not also start BLAS's pool; without that control `threads="auto"`
-stays on one thread. SciPy's BLAS (scipy.linalg.blas, whose axpy Adam uses)
+stays on one thread. SciPy's BLAS (scipy.linalg.blas, whose axpy FlatAdam uses)
 is an OpenBLAS of its own, with its own pool, and is held to one thread too.
 In NumPy's pthreads build of OpenBLAS that setting is not per thread but the
 process's, so Workers.run sets it before handing out work and puts the old
@@ -32,17 +32,20 @@ Threads share one interpreter lock (the GIL). Each thread takes it back
 after every NumPy call, so two threads that each make a few hundred small
 calls per step keep waiting for each other, and every wait puts a thread to
 sleep. Processes has no such lock to share: it forks helper processes that
-see the model's buffers in shared memory (shared_zeros) and hands them work
-through a few words of that memory, which they poll (Processes below). A
-step on processes is one task, the three phases above with a barrier
-between each two (allgather), where the processes swap the figures the next
-phase needs: one hand-off a step instead of three.
+see the model's buffers in shared memory (shared_zeros), and hands them
+work, and they their results, through POSIX semaphores, which order memory
+on every processor (x86-64 and arm64 alike), and which a waiting process
+tries without blocking for a while before it sleeps on them (Processes
+below). A step on processes is one task, the three phases above with a
+barrier between each two (allgather), where the processes swap the figures
+the next phase needs: one hand-off a step instead of three. Processes need
+Linux (fork); elsewhere "auto" trains on threads (resolve_backend).
 """
 import ctypes
 import mmap
+import multiprocessing
 import os
 import pickle
-import platform
 import queue
 import signal
 import sys
@@ -64,7 +67,7 @@ def _find_blas():
 
     Looks among the libraries the process has loaded (Linux: /proc/self/maps),
     NumPy's first. SciPy ships an OpenBLAS of its own, with its own pool of
-    threads, for scipy.linalg.blas (whose axpy Adam uses): it is loaded here
+    threads, for scipy.linalg.blas (whose axpy FlatAdam uses): it is loaded here
     first, so that both are found and held to one thread together.
     """
     if _BLAS:
@@ -262,23 +265,52 @@ def is_shared(a):
     return isinstance(a, mmap.mmap)
 
 
-def processes_available():
-    """True where Processes works: Linux on x86-64, with fork.
+def _why_no_processes():
+    """Why Processes cannot work here (a phrase), or None where it can."""
+    if sys.platform == "darwin":
+        return ("on macOS processes start by spawn, and a fork of a process that has used "
+                "Accelerate (NumPy's BLAS there) is not safe")
+    if sys.platform == "win32":
+        return "Windows has no fork"
+    if not sys.platform.startswith("linux"):
+        return f"{sys.platform} is not Linux"
+    if not hasattr(os, "fork"):
+        return "this Python has no os.fork"
+    return _semaphore_problem()
 
-    The helpers hand work back and forth through plain stores to shared
-    memory, relying on x86's ordering of stores (a helper that sees a new
-    task number also sees the arguments written before it); other
-    processors need fences that Python cannot issue.
+
+_SEMAPHORE_PROBE = []   # [None, or why a semaphore could not be made]: probed once a process
+
+
+def _semaphore_problem():
+    """None if this process can make a POSIX semaphore, else why not (a container without a
+    writable /dev/shm cannot)."""
+    if not _SEMAPHORE_PROBE:
+        try:
+            multiprocessing.get_context("fork").Semaphore(0)
+            _SEMAPHORE_PROBE.append(None)
+        except OSError as e:
+            _SEMAPHORE_PROBE.append(f"no POSIX semaphore can be made here ({e})")
+    return _SEMAPHORE_PROBE[0]
+
+
+def processes_available():
+    """True where Processes works: Linux with os.fork, on any processor.
+
+    Every hand-off between the processes goes through a POSIX semaphore,
+    whose post and wait order memory on every processor (see Processes).
+    macOS (spawn by default, and fork unsafe after Accelerate) and Windows
+    (no fork) train on threads instead.
     """
-    return (sys.platform.startswith("linux") and hasattr(os, "fork")
-            and platform.machine().lower() in ("x86_64", "amd64"))
+    return _why_no_processes() is None
 
 
 BACKENDS = ("auto", "threads", "processes")
+_fallback_said = [False]   # whether resolve_backend has said (once a process) that 'auto' means threads here
 
 
 def resolve_backend(backend, threads=None):
-    """'auto' -> 'processes' where processes_available(), else 'threads'; the others as they are.
+    """'auto' -> 'processes' where processes_available(), else 'threads' (saying why, once); the others as they are.
 
     threads: the resolved count (resolve_threads); with 1 there is nothing
     to split, and the answer is 'threads' whatever was asked.
@@ -287,26 +319,34 @@ def resolve_backend(backend, threads=None):
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if threads == 1:
         return "threads"
-    if backend == "auto":
-        return "processes" if processes_available() else "threads"
-    if backend == "processes" and not processes_available():
-        raise ValueError(f"backend 'processes' needs Linux on x86-64 with fork; this is "
-                         f"{sys.platform} on {platform.machine()} (use backend='threads')")
-    return backend
+    if processes_available():
+        return "processes" if backend == "auto" else backend
+    why = _why_no_processes() or "helper processes are not available here"
+    if backend == "processes":
+        raise ValueError(f"backend 'processes' needs Linux with os.fork: {why} (use backend='threads')")
+    if backend == "auto" and not _fallback_said[0]:
+        _fallback_said[0] = True
+        warnings.warn(f"backend 'auto' trains on threads, not helper processes: {why}", RuntimeWarning,
+                      stacklevel=2)
+    return "threads"
 
 
-# The words of a helper's control row: the main process writes SEQ (after TASK,
-# NARGS and the arguments); the helper writes DONE = SEQ when it has finished
-# (after STATUS and the results). The two halves sit on different cache lines.
-# ARRIVED (in every row, row 0 the main process's) counts the barriers a
-# process has reached (Processes.allgather); FAILED (row 0 only) is the SEQ of
-# a task in which some process failed, so that the others stop waiting;
-# RELEASED (row 0 only) is the SEQ of the task whose `before` the main process
-# has finished, or has released the helpers from (Processes.release).
-SEQ, TASK, NARGS, FAILED, RELEASED, DONE, STATUS, NOUT, ARRIVED = 0, 1, 2, 3, 4, 8, 9, 10, 11
+# The words of a control row (int64). Data, published by a semaphore:
+# SEQ, TASK, NARGS are the main process's, written before it posts start[j],
+# so helper j reads them after taking it; STATUS (1: failed, the exception
+# follows on the error pipe) and NOUT are helper j's, written before it posts
+# done[j]. Flags, which publish no data and only make a waiting process stop
+# waiting, so that plain stores do (each is a single aligned word, and a stale
+# read only waits a little longer): FAILED (row 0), the SEQ of a task in which
+# some process failed; FINISHED (row j), the SEQ of the last task helper j has
+# finished; CLOSED (row 0), 1 once close() has stopped the helpers. The two
+# writers' words sit on different cache lines.
+SEQ, TASK, NARGS, FAILED, CLOSED, STATUS, NOUT, FINISHED = 0, 1, 2, 3, 4, 8, 9, 10
 _ROW = 16
 STOP = -1
-_BARRIERS = 64   # one more than the allgather calls a task may make (the counts of task s start at 64 s)
+_SPINS = 64      # non-blocking tries between two looks at the flags (a try costs about 0.05 us)
+_SLOW = 32       # looks at the flags between two system calls that check on the other processes
+_SLICE = 0.05    # seconds a blocked wait sleeps before it looks at the flags again
 
 
 class HelperError(RuntimeError):
@@ -314,7 +354,7 @@ class HelperError(RuntimeError):
 
 
 class _Abandoned(HelperError):
-    """Raised in a process waiting at a barrier that another process, having failed, will not reach."""
+    """Raised in a process waiting for another that, having failed or gone, will not come."""
 
 
 class Processes:
@@ -331,48 +371,75 @@ class Processes:
     need the others' results (a training step's loss, then its gradient's
     norm), without handing work back and forth in between.
 
-    A helper polls its control row for work (no system call, so no sleep and
-    no wake-up on the way in); after spin_seconds without work it polls once
-    a millisecond instead, so that an idle pool costs no CPU. The main
-    process spins on the helpers' DONE words for the results (it never
-    sleeps), and checks now and then that the helpers are alive. An
-    exception in a helper is re-raised here; the helpers stop when the
-    object is garbage collected or close() is called, and on their own when
-    the main process has gone.
+    Every hand-off that publishes data goes through a POSIX semaphore made
+    before the fork: a post orders the poster's earlier writes before it
+    (release), and a wait that takes the post orders the taker's later reads
+    after it (acquire), on every processor. Per helper j: start[j] (the task
+    and its arguments), done[j] (its results and status), released[j] (the
+    main process's `before`, wait_released), and for a barrier arrive[j],
+    which the main process takes from every helper before it posts go[j] to
+    each: happens-before is transitive, so every process then sees every
+    other's numbers. A process waits by trying its semaphore without
+    blocking for spin_seconds (a running task pays no wake-up), then by
+    blocking on it a slice at a time (an idle pool costs no CPU), and
+    between tries looks whether the process it waits for has failed or
+    gone. An exception in a helper is re-raised here; a helper that dies is
+    reported, not waited for; the helpers stop when the object is garbage
+    collected or close() is called, and on their own when the main process
+    has gone.
     """
 
     def __init__(self, n, tasks, spin_seconds=0.05):
         if not processes_available():
             resolve_backend("processes")  # raises, naming what is missing
         self.n, self.tasks, self.spin_seconds = n, tuple(tasks), float(spin_seconds)
+        # More processes than cores: a spinner would hold the core that the process it
+        # waits for needs, so it yields between looks. Not otherwise: a yield costs
+        # 0.6 us, and with yields some runs of 2 processes on 2 cores took 15 to 40 us
+        # a hand-off instead of 5 (two processes taking turns on one core, it seems,
+        # where without yields the scheduler moves one to the free core).
+        self._crowded = n > usable_cpus()
         self._ctl = shared_zeros(n * _ROW, np.int64).reshape(n, _ROW)
         self._args = shared_zeros(n * 8, np.float64).reshape(n, 8)
         self._out = shared_zeros(n * 8, np.float64).reshape(n, 8)
-        # allgather's numbers, two slots (by the barrier's parity): a process that has
-        # passed one barrier may write the next one's before the others have read this one's
+        # allgather's numbers, two slots (by the barrier's parity): a helper through one
+        # barrier may write the next one's while the main process still reads this one's
         self._shared = shared_zeros(2 * n * 8, np.float64).reshape(2, n, 8)
-        self._seq = 0   # the task this process is running (each process its own copy)
+        fork = multiprocessing.get_context("fork")
+
+        def per_helper():   # [None, semaphore of helper 1, ..., of helper n - 1], all at 0
+            return [None] + [fork.Semaphore(0) for _ in range(1, n)]
+        self._start, self._done, self._released = per_helper(), per_helper(), per_helper()
+        self._arrive, self._go = per_helper(), per_helper()
+        # each process its own copy: the task it runs, the barriers it has passed in it, and
+        # whether it has given (main) or taken (helper) the task's release
+        self._seq, self._barriers, self._release_seen = 0, 0, True
         self._pids, self._errors = [], []
         # A helper keeps to one BLAS thread, as the count stands at the fork:
         # OpenBLAS's thread controls can hang in a forked child, whose copy of
         # the library believes in a pool of threads the fork did not copy.
         self._parent = parent = os.getpid()
-        with one_blas_thread():
-            for j in range(1, n):
-                read_end, write_end = os.pipe()
-                with warnings.catch_warnings():
-                    # Python 3.12+ warns when a process with threads forks (OpenBLAS
-                    # keeps a pool); the helper runs only NumPy code, and OpenBLAS
-                    # restarts its pool after a fork.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pid = os.fork()
-                if pid == 0:  # the helper; it never returns from here
-                    os.close(read_end)
-                    _serve(j, self, write_end, parent)
-                os.close(write_end)
-                self._pids.append(pid)
-                self._errors.append(read_end)
-        self._finalizer = weakref.finalize(self, _reap, parent, self._ctl, list(self._pids), list(self._errors))
+        try:
+            with one_blas_thread():
+                for j in range(1, n):
+                    read_end, write_end = os.pipe()
+                    with warnings.catch_warnings():
+                        # Python 3.12+ warns when a process with threads forks (OpenBLAS
+                        # keeps a pool); the helper runs only NumPy code, and OpenBLAS
+                        # restarts its pool after a fork.
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        pid = os.fork()
+                    if pid == 0:  # the helper; it never returns from here
+                        os.close(read_end)
+                        _serve(j, self, write_end, parent)
+                    os.close(write_end)   # now: a later helper must not inherit it (EOF when helper j dies)
+                    self._pids.append(pid)
+                    self._errors.append(read_end)
+        except BaseException:   # a fork or a pipe failed part-way: end the helpers forked so far
+            _reap(parent, self._ctl, list(self._pids), list(self._errors), self._start[1:len(self._pids) + 1])
+            raise
+        self._finalizer = weakref.finalize(self, _reap, parent, self._ctl, list(self._pids),
+                                           list(self._errors), self._start[1:])
 
     def run(self, task, args, before=None):
         """[tasks[task](j, *args[j]) for j in range(n)], computed at once; re-raises the first error.
@@ -387,34 +454,46 @@ class Processes:
             raise ValueError(f"run needs {self.n} argument tuples, got {len(args)}")
         if not self._finalizer.alive:
             raise HelperError("the helper processes have been closed")
-        ctl = self._ctl
-        self._seq = seq = int(ctl[0, SEQ]) + 1
-        ctl[0, SEQ], ctl[0, ARRIVED] = seq, seq * _BARRIERS
-        if before is None:
-            ctl[0, RELEASED] = seq
-        for j in range(1, self.n):
+        ctl, seq = self._ctl, self._seq + 1
+        for j in range(1, self.n):   # every helper's words first: a bad argument raises before any starts
             a = args[j]
             self._args[j, :len(a)] = a
-            ctl[j, TASK], ctl[j, NARGS] = task, len(a)
-            ctl[j, SEQ] = seq    # last: the helper starts when it sees this
+            ctl[j, SEQ], ctl[j, TASK], ctl[j, NARGS] = seq, task, len(a)
+        self._begin(seq)
+        for j in range(1, self.n):
+            self._start[j].release()   # publishes the words above
         _running[0] = self
         try:
             if before is not None:
                 before()
-                ctl[0, RELEASED] = seq
+            self.release()
             first = (True, self.tasks[task](0, *args[0]))
         except BaseException as e:
-            ctl[0, FAILED] = seq   # helpers waiting at a barrier for this process stop
+            ctl[0, FAILED] = seq   # helpers waiting for this process stop
             first = (False, e)
         finally:
             _running[0] = None
         if not self._finalizer.alive:   # closed during the task (a helper died while this one waited)
             raise first[1] if not first[0] else HelperError("the helper processes were closed during a task")
-        out = [first] + [self._result(j) for j in range(1, self.n)]
+        try:
+            out = [first] + [self._result(j) for j in range(1, self.n)]
+        except HelperError:   # a helper died; close() has run
+            raise
+        except BaseException:   # interrupted (Ctrl-C): which helper is where is unknown now
+            self.close()
+            raise
+        # Every process has finished the task: no one posts or waits until the next one, so
+        # what is left on a semaphore can go. A release no helper waited for is left after
+        # any task; after a failed one, arrivals and go-aheads that no one took too.
         failed = [value for ok, value in out if not ok]
+        _drain(self._released[1:] + (self._arrive[1:] + self._go[1:] if failed else []))
         if failed:   # the first error that is not only a consequence of another process's
             raise next((e for e in failed if not isinstance(e, _Abandoned)), failed[0])
         return [value for _, value in out]
+
+    def _begin(self, seq):
+        """This process starts task seq: no barriers passed, no release given or taken."""
+        self._seq, self._barriers, self._release_seen = seq, 0, False
 
     def allgather(self, j, values):
         """Process j, inside a task: give at most 8 numbers and wait for every process's;
@@ -422,27 +501,28 @@ class Processes:
 
         Each of the n processes must make the same allgather calls, in the
         same order, in every task that makes any (a task reaches this method
-        as npvae.parallel.allgather). If a process fails before its call,
-        the others raise instead of waiting for ever.
+        as npvae.engine.parallel.allgather). If a process fails before its
+        call, the others raise instead of waiting for ever.
         """
-        ctl, seq = self._ctl, self._seq
-        arrived = int(ctl[j, ARRIVED]) + 1
-        if arrived >= (seq + 1) * _BARRIERS:
-            raise RuntimeError(f"a task may call allgather at most {_BARRIERS - 1} times")
-        slot = self._shared[arrived % 2]
+        self._barriers += 1
+        slot = self._shared[self._barriers % 2]
         slot[j, :len(values)] = values
-        ctl[j, ARRIVED] = arrived   # last: the others read this process's numbers when they see it
-        spins = 0
-        for i in range(self.n):
-            while ctl[i, ARRIVED] < arrived:
-                spins += 1
-                if spins % 1000 == 0:
-                    self._check_waiting(j, i, arrived, spins)
+        if j == 0:
+            for i in range(1, self.n):   # every helper's numbers are here once its arrival is taken
+                self._wait(self._arrive[i], self._check_arrival, i)
+            for i in range(1, self.n):   # ... and helper i's go-ahead comes after all of them
+                self._go[i].release()
+        else:
+            self._arrive[j].release()
+            self._wait(self._go[j], self._check_main, j)
         return [tuple(row) for row in slot[:, :len(values)].tolist()]
 
     def release(self):
         """In the main process's `before` (run): the helpers waiting at wait_released go on now."""
-        self._ctl[0, RELEASED] = self._seq
+        if not self._release_seen:   # once a task: run calls it again when `before` returns
+            self._release_seen = True
+            for j in range(1, self.n):
+                self._released[j].release()   # publishes what `before` has written so far
 
     def wait_released(self, j):
         """Process j, inside a task: wait until the main process has run `before` or called release().
@@ -450,40 +530,76 @@ class Processes:
         The main process (j = 0) never waits: its task starts after before.
         If the main process fails first, this raises instead of waiting for ever.
         """
-        ctl, seq, spins = self._ctl, self._seq, 0
-        while j > 0 and ctl[0, RELEASED] != seq:
-            spins += 1
-            if spins % 1000 == 0:
-                if ctl[0, FAILED] == seq:
-                    raise _Abandoned("the main process failed before it released the helpers")
-                if spins % 20000 == 0:
-                    self._check_main(j)
+        if j > 0 and not self._release_seen:
+            self._wait(self._released[j], self._check_main, j)
+            self._release_seen = True
 
-    def _check_waiting(self, j, i, arrived, spins):
-        """Process j, waiting at a barrier for process i: raise if i will not come."""
+    def _wait(self, semaphore, check, j, since=None):
+        """Take semaphore: try without blocking until spin_seconds after `since` (default now), then block.
+
+        check(j, slow) runs between tries and raises to give up; slow: it
+        may make a system call (they come every _SLOW looks, and at every
+        slice of a blocked wait).
+        """
+        acquire = semaphore.acquire
+        if acquire(False):
+            return
+        spin_until = (time.monotonic() if since is None else since) + self.spin_seconds
+        looks = 0
+        while True:
+            for _ in range(_SPINS):
+                if acquire(False):
+                    return
+            looks += 1
+            check(j, looks % _SLOW == 0)
+            if self._crowded:
+                os.sched_yield()
+            if time.monotonic() > spin_until:
+                break
+        while not acquire(True, _SLICE):
+            check(j, True)
+
+    def _check_arrival(self, i, slow):
+        """The main process, waiting at a barrier for helper i: raise if i will not come.
+
+        A helper that has arrived waits for the main process's go-ahead, so
+        it finishes its task in the meantime only if it did not arrive.
+        """
         ctl, seq = self._ctl, self._seq
-        # i failed, or finished its task without this barrier (it writes ARRIVED before DONE)
-        gone = ctl[0, FAILED] == seq or (i > 0 and ctl[i, DONE] == seq)
-        if gone and ctl[i, ARRIVED] < arrived:
-            raise _Abandoned(f"process {i} failed or finished its task without reaching the barrier")
-        if spins % 20000 == 0:
-            if j == 0 and i > 0:
-                self._check_alive(i)
-            elif j > 0:
-                self._check_main(j)
+        if ctl[0, FAILED] == seq or ctl[i, FINISHED] == seq:
+            raise _Abandoned(f"a process failed in this task, or process {i} finished it "
+                             f"without reaching the barrier")
+        if slow:
+            self._check_alive(i)
 
-    def _check_main(self, j):
-        """Helper j, waiting inside a task: raise if the main process has gone or stopped the helpers."""
-        if os.getppid() != self._parent or self._ctl[j, SEQ] != self._seq:
+    def _check_main(self, j, slow):
+        """Helper j, waiting inside a task for the main process: raise if it will not come."""
+        ctl = self._ctl
+        if ctl[0, FAILED] == self._seq:
+            raise _Abandoned("a process failed in this task: the main process will not come")
+        if ctl[0, CLOSED] or (slow and os.getppid() != self._parent):
             raise _Abandoned("the main process has gone, or stopped the helpers")
+
+    def _check_idle(self, j, slow):
+        """Helper j, waiting for a task: raise if the main process has gone (close() posts STOP)."""
+        if slow and os.getppid() != self._parent:
+            raise _Abandoned("the main process has gone")
+
+    def _check_finish(self, j, slow):
+        """The main process, waiting for helper j's result: raise if j has died.
+
+        An arrival at a barrier now is one this process, done with its
+        task, will never answer: the task has failed, and j stops waiting.
+        """
+        if self._arrive[j].acquire(False):
+            self._ctl[0, FAILED] = self._seq
+        if slow:
+            self._check_alive(j)
 
     def _result(self, j):
         """Wait for helper j's task: (True, result tuple) or (False, its exception)."""
-        ctl, seq, spins = self._ctl, self._ctl[j, SEQ], 0
-        while ctl[j, DONE] != seq:
-            spins += 1
-            if spins % 20000 == 0:
-                self._check_alive(j)
+        self._wait(self._done[j], self._check_finish, j)
+        ctl = self._ctl
         if ctl[j, STATUS]:
             return False, _read_error(self._errors[j - 1])
         return True, tuple(self._out[j, :ctl[j, NOUT]].tolist())
@@ -499,6 +615,13 @@ class Processes:
     def close(self):
         """Stop the helpers and wait for them (at most a second each, then they are killed)."""
         self._finalizer()
+
+
+def _drain(semaphores):
+    """Take every post left on each semaphore."""
+    for semaphore in semaphores:
+        while semaphore.acquire(False):
+            pass
 
 
 _running = [None]   # the Processes whose task this process is running now
@@ -518,38 +641,36 @@ def wait_released(j):
 
 
 def _serve(j, pool, error_fd, parent):
-    """A helper's loop: poll row j for a task, run it, write its result; exit on STOP or orphaning."""
+    """Helper j's loop: wait for a task, run it, hand back its result; exit on STOP or orphaning."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops us
         ctl, args, out, tasks = pool._ctl, pool._args, pool._out, pool.tasks
-        # 0, not ctl[j, SEQ]: the first task may be posted before this line runs
-        last, idle_since, spins, sleeping = 0, time.monotonic(), 0, False
+        start, done = pool._start[j], pool._done[j]
+        idle_since = time.monotonic()
         while True:
-            seq = ctl[j, SEQ]
-            if seq == last:
-                spins += 1
-                if spins % 1000 == 0:
-                    if os.getppid() != parent:
-                        break
-                    sleeping = time.monotonic() - idle_since > pool.spin_seconds
-                if sleeping:
-                    time.sleep(0.001)
-                continue
-            last, task = seq, int(ctl[j, TASK])
+            pool._wait(start, pool._check_idle, j, since=idle_since)
+            seq, task = int(ctl[j, SEQ]), int(ctl[j, TASK])
             if task == STOP:
                 break
-            pool._seq, ctl[j, ARRIVED], _running[0] = seq, seq * _BARRIERS, pool
+            pool._begin(seq)
+            _running[0], error = pool, None
             try:
                 result = tuple(tasks[task](j, *args[j, :ctl[j, NARGS]]))
                 out[j, :len(result)] = result
-                ctl[j, NOUT], ctl[j, STATUS] = len(result), 0
+                ctl[j, NOUT] = len(result)
             except BaseException as e:
-                ctl[0, FAILED] = seq   # the others stop waiting for this process at a barrier
-                _write_error(error_fd, e)
-                ctl[j, STATUS] = 1
-            ctl[j, DONE] = seq   # last: the main process reads the result when it sees this
-            idle_since, spins, sleeping = time.monotonic(), 0, False
+                ctl[0, FAILED] = seq   # the others stop waiting for this process
+                error = e
+            _running[0] = None
+            ctl[j, STATUS] = error is not None
+            ctl[j, FINISHED] = seq
+            done.release()   # publishes the results and STATUS
+            if error is not None:
+                # after done: the main process reads it then, so a report larger than the
+                # pipe holds cannot leave both waiting
+                _write_error(error_fd, error)
+            idle_since = time.monotonic()
     except BaseException:
         code = 1
     finally:
@@ -581,12 +702,13 @@ def _read_error(fd):
     return HelperError("a helper failed without a report") if payload is None else pickle.loads(payload)
 
 
-def _reap(owner, ctl, pids, error_fds):
+def _reap(owner, ctl, pids, error_fds, starts):
     if os.getpid() != owner:   # a forked copy of the owner: the helpers are not its own
         return
-    for j in range(1, ctl.shape[0]):
+    ctl[0, CLOSED] = 1   # a helper waiting inside a task gives up
+    for j, start in enumerate(starts, 1):
         ctl[j, TASK] = STOP
-        ctl[j, SEQ] += 1
+        start.release()   # an idle helper wakes, and reads STOP
     for pid in pids:
         deadline = time.monotonic() + 1.0
         while True:

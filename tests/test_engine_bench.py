@@ -1,4 +1,5 @@
-"""npvae bench: its floors time the right products, its figures are consistent, runs combine by median.
+"""npvae bench: its floors time the right products, its figures are consistent, runs combine by median,
+and the own-loop row times the public API's loop.
 
 No timing is asserted here (timings flake); the speed figures are in the README with their command.
 """
@@ -7,8 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from npvae import VAE, bench
+from npvae import VAE
+from npvae import data as datasets
+from npvae import model as reference_model
+from npvae import optim
 from npvae.cli import main
+from npvae.engine import bench
 
 
 @pytest.mark.parametrize("hidden, z_dim", [((400,), 20), ((200, 200), 50), ((30, 20, 10), 4)])
@@ -36,6 +41,65 @@ def test_bench_train_small():
     r = bench.bench_train("tiny", (16,), "relu", 128, x, 1, "random", 4, threads=1)
     _check_timing(r, 300)
     assert r["name"] == "tiny" and r["threads"] == 1 and r["data"] == "random"
+
+
+def test_bench_own_loop_runs_the_public_loop_once_per_minibatch(monkeypatch):
+    # The row stands for the loop a user writes, so it must be that loop: the
+    # reference VAE and Adam, and data.binarize of to_float's grey levels, one
+    # step per minibatch (a row that ran the engine would report its speed twice).
+    calls = {"binarize": [], "loss_and_grads": [], "step": []}
+    binarize, loss_and_grads, step = datasets.binarize, reference_model.VAE.loss_and_grads, optim.Adam.step
+
+    def counted_binarize(x, rng=None, threshold=None):
+        calls["binarize"].append((x.shape, x.dtype, threshold, float(x.max())))
+        return binarize(x, rng, threshold)
+
+    def counted_loss_and_grads(self, x, **kw):
+        calls["loss_and_grads"].append((type(self), self.hidden, self.z_dim, self.activation))
+        return loss_and_grads(self, x, **kw)
+
+    def counted_step(self, grads):
+        before = self.params["enc.h0.W"].copy()
+        out = step(self, grads)
+        calls["step"].append((type(self), not np.array_equal(self.params["enc.h0.W"], before)))
+        return out
+    monkeypatch.setattr(datasets, "binarize", counted_binarize)
+    monkeypatch.setattr(reference_model.VAE, "loss_and_grads", counted_loss_and_grads)
+    monkeypatch.setattr(optim.Adam, "step", counted_step)
+    x = np.full((300, 784), 255, np.uint8)   # grey level 255: to_float gives 1.0 exactly
+    r = bench.bench_own_loop(128, x, 2, "random")
+    _check_timing(r, 300)
+    assert r["name"] == "own loop 784-400-20 relu, batch 128" and r["data"] == "random"
+    assert set(r) == {"name", "seconds", "floor_seconds", "ratio", "examples_per_s", "floor_examples_per_s", "data"}
+    # 2 repeats of an epoch of 300 rows in minibatches of 128, 128, 44
+    assert calls["binarize"] == [((128, 784), np.float32, None, 1.0), ((128, 784), np.float32, None, 1.0),
+                                 ((44, 784), np.float32, None, 1.0)] * 2
+    assert calls["loss_and_grads"] == [(reference_model.VAE, (400,), 20, "relu")] * 6
+    assert calls["step"] == [(optim.Adam, True)] * 6       # each step moved the weights
+
+
+def test_run_once_gives_the_own_loop_row_its_target_and_the_engines_figure(monkeypatch):
+    def timing(name, examples_per_s):
+        return {"name": name, "seconds": 1.0, "floor_seconds": 1.0, "ratio": 1.0,
+                "examples_per_s": examples_per_s, "floor_examples_per_s": 1.0}
+    speeds = iter([30000.0, 9000.0])
+    monkeypatch.setattr(bench, "bench_train", lambda name, *a, **kw: timing(name, next(speeds)))
+    monkeypatch.setattr(bench, "bench_own_loop", lambda *a: timing("own loop", 21000.0))
+    monkeypatch.setattr(bench, "bench_log_likelihood", lambda *a: timing("log p(x)", 100.0))
+    monkeypatch.setattr(bench, "bench_import", lambda: {"name": "import npvae", "seconds": 0.1})
+    monkeypatch.setattr(bench, "bench_handoff", lambda: {"name": "hand-off", "microseconds": 5.0,
+                                                         "min_microseconds": 4.0})
+    results = bench._run_once(None, "zeros", None, 1, quick=True, memory=False, threads=1)
+    own = next(r for r in results if r["name"] == "own loop")
+    # the engine's figure is the first training row's (784-400-20 relu, batch 128, the same model and batch)
+    assert own["target_examples_per_s"] == 20000 and own["engine_examples_per_s"] == 30000.0
+    assert "target_ratio" not in own
+    line = next(s for s in bench.format_results(results).splitlines() if s.startswith("own loop"))
+    assert "21000 ex/s" in line and "target >= 20000 ex/s" in line and "(the engine's step: 30000 ex/s)" in line
+    # over several runs the engine's figure is a median like the others
+    both = bench.combine_runs([own, dict(own, engine_examples_per_s=10000.0), dict(own, engine_examples_per_s=20000.0)])
+    assert both["engine_examples_per_s"] == 20000.0 and both["per_run"]["engine_examples_per_s"] == [
+        30000.0, 10000.0, 20000.0]
 
 
 def test_bench_log_likelihood_small():

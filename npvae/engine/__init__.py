@@ -1,0 +1,2 @@
+"""The engine: how npvae is made fast. Read after the rest.
+"""
