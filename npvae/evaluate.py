@@ -290,13 +290,13 @@ def _log_px_z_all_pairs(model, x, out):
     """
     if model.likelihood == "bernoulli":
         logits = out.astype(np.float64)                                       # (G, D)
-        return x @ logits.T - np.logaddexp(0.0, logits).sum(axis=1)
+        return x @ logits.T - dist.softplus(logits).sum(axis=1)
     mean = out[0].astype(np.float64)
     if model.x_sigma is not None:
         log_sigma = np.full_like(mean, math.log(model.x_sigma))
     else:
-        log_sigma = np.clip(out[1].astype(np.float64), dist.LOG_SIGMA_MIN, dist.LOG_SIGMA_MAX)
-    inv_var = np.exp(-2.0 * log_sigma)                                        # (G, D)
+        log_sigma = dist.clip_log_sigma(out[1].astype(np.float64))
+    inv_var = 1.0 / dist.std(log_sigma) ** 2                                  # (G, D)
     const = np.sum(0.5 * mean * mean * inv_var + log_sigma + 0.5 * dist.LOG_2PI, axis=1)
     return -0.5 * (x * x) @ inv_var.T + x @ (mean * inv_var).T - const
 

@@ -4,7 +4,7 @@
     z             = mu + sigma * eps             eps ~ N(0, I)  (reparameterization)
     log_px_z      = log p(x|z)                   Bernoulli from logits, or Gaussian
     kl            = KL(q(z|x) || N(0, I))        closed form
-    elbo          = log_px_z - kl                nats per example, <= log p(x)
+    elbo          = log_px_z - kl                nats per example; E_eps[elbo] <= log p(x)
     loss          = -mean(elbo)                  summed over dimensions, mean over the batch
 
 With K > 1 importance samples per example the IWAE bound (Burda et al. 2015)
