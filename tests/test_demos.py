@@ -26,6 +26,8 @@ DEMOS = {
     "amortization": ["amortization.png"],
     "shallow_vs_deep": ["shallow_vs_deep.png"],
     "reproduce_iwae": [],          # numbers, not pictures: see test_reproduce_iwae_logs_stages_and_matches_eval
+    "tutorial": ["1_data.png", "2_density.png", "3_estimators.png", "6_loss.png", "6_samples.png",
+                 "6_reconstructions.png", "7_posterior.png"],
 }
 # --quick aims at ~15 s alone on 2 cores; the limit leaves room for a machine busy with other work.
 TIMEOUT = 240
@@ -78,7 +80,7 @@ def test_demo_quick_draws_its_figures(name, tmp_path):
     assert "done in" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["mnist", "frey"])
+@pytest.mark.parametrize("name", ["mnist", "frey", "tutorial"])
 def test_demo_falls_back_to_a_builtin_set_without_data(name, tmp_path):
     if real_data_dir() is None:
         pytest.skip("no real data here, so the test above already ran the fallback")
