@@ -14,8 +14,9 @@ over all 10 000 test images. Their numbers: VAE (k = 1) -86.76 nats, IWAE
 This script trains one model stage by stage and, after each learning-rate
 stage, logs the validation ELBO, the test log p(x) on a subset and the
 training wall time so far; at the end it estimates log p(x) with K = 5000 on
-the whole test set. The run directory is an ordinary npvae run:
-`npvae eval RUN --k 5000` gives the same final figure.
+the whole test set, and draws the stages' log p(x) against the paper's figure
+for the row (stages.png, next to the log stages.json). The run directory is an
+ordinary npvae run: `npvae eval RUN --k 5000` gives the same final figure.
 
     python demos/reproduce_iwae.py                       # the VAE, k = 1
     python demos/reproduce_iwae.py --k 5 --out demos/out/iwae5
@@ -48,6 +49,7 @@ from npvae.train import TrainConfig, Trainer, learning_rate, test_set
 
 PAPER = {1: -86.76, 5: -85.54, 50: -84.78}   # Burda et al. (2015), Table 1, MNIST, one stochastic layer
 DATASET, FALLBACK = "mnist", "shapes"
+FIGURE = "stages.png"                        # written next to stages.json in --out
 
 
 def stage_ends(config):
@@ -58,6 +60,58 @@ def stage_ends(config):
 
 def mean_and_sem(values):
     return float(np.mean(values)), float(np.std(values) / math.sqrt(len(values)))
+
+
+def row_name(k):
+    return "VAE (k = 1)" if k == 1 else f"IWAE (k = {k})"
+
+
+def plot_stages(log, path):
+    """Test log p(x) after each stage, on a log scale of epochs, against the paper's figure; -> path.
+
+    The paper's figure is drawn only for MNIST and a k of its Table 1: it says
+    nothing about the built-in fallback set.
+    """
+    from npvae import plots
+    plt = plots.pyplot()
+    config, stages, final = log["config"], log["stages"], log.get("final")
+    paper = PAPER.get(config["k"]) if config["dataset"] == "mnist" else None
+    epochs = np.array([s["end_epoch"] for s in stages])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if len(stages):
+        ax.errorbar(epochs, [s["test_log_px"] for s in stages], yerr=[s["test_log_px_sem"] for s in stages],
+                    fmt="o-", ms=4, capsize=2,
+                    label=f"test log p(x) after each stage (K = {stages[-1]['test_k']}, "
+                          f"{stages[-1]['test_n']} images)")
+        ax.plot(epochs, [s["valid_elbo"] for s in stages], "s:", ms=3, color="tab:grey",
+                label="validation ELBO, a lower bound on log p(x)")
+    if final:
+        ax.errorbar([final["epochs"]], [final["test_log_px"]], yerr=[final["test_log_px_sem"]], fmt="*",
+                    ms=11, color="tab:red", capsize=2,
+                    label=f"final: best checkpoint, K = {final['k']}, {final['n']} images: "
+                          f"{final['test_log_px']:.2f}")
+    if paper is not None:
+        ax.axhline(paper, color="black", lw=1.2, label=f"Burda et al. (2015), Table 1: {paper}")
+    for change in log.get("extended", []):
+        # --resume --epochs re-spaces the stages: the rate goes back up here (a warm restart)
+        ax.axvline(change["at_epoch"], color="grey", ls="--", lw=1)
+        ax.text(change["at_epoch"], 0.98, f" {change['epochs_before']} -> {change['epochs']} epochs",
+                transform=ax.get_xaxis_transform(), color="grey", fontsize=7, va="top")
+    # The stages of the burda schedule last 3^i epochs, and even equal ones gain most in the first:
+    # on a log scale every stage gets room.
+    ax.set_xscale("log")
+    if 0 < len(epochs) <= 12:
+        ax.set_xticks(epochs, [str(e) for e in epochs])
+        ax.minorticks_off()
+    ax.set_xlabel("epochs (passes over the training set), log scale; a point per learning-rate stage")
+    ax.set_ylabel("nats per test image")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)   # below: never on a point
+    note = "" if paper is not None else (
+        "; no paper figure for this k" if config["dataset"] == "mnist" else "; the paper's figures are for MNIST")
+    ax.set_title(f"{config['dataset']}: {row_name(config['k'])}, 784-200-200-50 tanh, batch {config['batch_size']}, "
+                 f"schedule {config['lr_schedule']}{note}")
+    return plots.save_figure(fig, path)
 
 
 def main():
@@ -120,7 +174,7 @@ def main():
     x_test = test_set(config, model, args.data_dir)
     if final_n is not None:
         x_test = x_test[:final_n]
-    print(f"{dataset}: {'VAE' if config.k == 1 else f'IWAE, k = {config.k}'}, 784-200-200-50 tanh, "
+    print(f"{dataset}: {row_name(config.k)}, 784-200-200-50 tanh, "
           f"batch {config.batch_size}, {config.epochs} epochs, schedule {config.lr_schedule}",
           flush=True)
 
@@ -138,6 +192,8 @@ def main():
         seconds = time.perf_counter() - t
         if status != "done" or trainer.epoch < end:
             print(f"training {status} at epoch {trainer.epoch}; continue with --resume --out {args.out}")
+            if log["stages"]:
+                print(f"figure of the stages so far: {plot_stages(log, args.out / FIGURE)}")
             return 130 if status == "interrupted" else 0
         train_seconds += seconds
         t = time.perf_counter()
@@ -170,6 +226,7 @@ def main():
     print(f"\ntest log p(x), K = {final_k}, {len(log_px)} test images: {final_mean:.3f} +- {final_sem:.3f} nats "
           f"({log['final']['seconds']:.0f} s)" + (f"; paper: {paper}" if paper else ""))
     print(f"training: {trainer.epoch} epochs in {train_seconds / 60:.1f} min; log in {log_path}")
+    print(f"figure: {plot_stages(log, args.out / FIGURE)}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -1,12 +1,14 @@
-"""The npvae command line: gradcheck, train, eval, sample.
+"""The npvae command line: gradcheck, train, eval, sample, plot, bench.
 
-Exit codes: 0 success; 1 a gradient check failed or training stopped on a
-non-finite value; 2 bad usage or bad input (one line on stderr, no traceback);
-130 interrupted by Ctrl-C (after saving a checkpoint).
+Exit codes: 0 success; 1 a gradient check failed, training stopped on a
+non-finite value, or a finished run's figures could not be written; 2 bad
+usage or bad input (one line on stderr, no traceback); 130 interrupted by
+Ctrl-C (after saving a checkpoint).
 """
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,7 +82,36 @@ def _default_out(dataset):
     return out
 
 
+# Defaults that suit one dataset and not the others, applied by `npvae train` to the options the
+# user did not give; every other dataset gets TrainConfig's. `--help` names them.
+#
+# shapes, the set that `npvae train` trains on with no options: with TrainConfig's 784-400-20 and
+# 10 epochs its samples are grey blobs (validation ELBO -39.7 nats, KL 23). Four factors make a
+# shape (kind, x, y, size), and 20 latents leave most of the prior where no training image's code
+# lies, so a z drawn from N(0, I) decodes to a blend. Measured on the 2-core machine, looking at
+# samples.png: KL warm-up over 3 epochs changed nothing; Z = 8 and Z = 6 gave some clean shapes
+# among broken ones, even after 30 epochs; Z = 4 gave clean discs, squares and triangles, and with
+# lr 3e-3 for 20 epochs crosses too, at -36.7 nats (lr 1e-3 takes 30 epochs to that ELBO). At about
+# 2 s an epoch, `npvae train` then takes 50 s in all. They stay out of TrainConfig: on MNIST more
+# latents do better (Kingma & Welling 2014, figure 2), and 20 is the setting the README's runs use.
+DATASET_DEFAULTS = {
+    "shapes": {"z_dim": 4, "epochs": 20, "lr": 3e-3},
+}
+
+
+def _default_help(field, general):
+    """'default 10; shapes: 20' for an option DATASET_DEFAULTS sets for some dataset."""
+    special = "".join(f"; {name}: {d[field]:g}" for name, d in DATASET_DEFAULTS.items() if field in d)
+    return f"default {general}{special}"
+
+
+def _defaults_for(dataset):
+    """The options DATASET_DEFAULTS sets for dataset ({} for most), keyed as TrainConfig's fields."""
+    return dict(DATASET_DEFAULTS.get(str(dataset).lower().replace("_", "-"), {}))
+
+
 def cmd_train(args):
+    from .data import BUILTIN_SIZES
     from .train import Trainer, TrainConfig, TrainingDiverged
     if args.resume:
         if args.out:
@@ -96,6 +127,7 @@ def cmd_train(args):
             fields["objective"] = "iwae"
         if args.no_init_bias:
             fields["init_bias"] = False
+        fields = {**_defaults_for(fields.get("dataset", TrainConfig.dataset)), **fields}
         config = TrainConfig(**fields)
         out = Path(args.out) if args.out else _default_out(config.dataset)
         if (out / "config.json").exists():
@@ -106,7 +138,8 @@ def cmd_train(args):
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
                     f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
                     f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
-                    f"{trainer.model.activation}, {trainer.model.likelihood}; run directory {out}")
+                    f"{trainer.model.activation}, {trainer.model.likelihood}; {config.epochs} epochs; "
+                    f"run directory {out}")
     try:
         status = trainer.run()
     except TrainingDiverged as e:
@@ -114,10 +147,43 @@ def cmd_train(args):
         return 1
     if status == "interrupted":
         return 130
-    if not args.quiet:
-        best = max(trainer.history["valid_elbo"]) if trainer.history["valid_elbo"] else float("nan")
-        print(f"{status}: best validation ELBO {best:.3f} nats; run directory {trainer.out}")
-    return 0
+
+    def say(*lines):
+        if not args.quiet:
+            print(*lines, sep="\n", flush=True)
+
+    best = max(trainer.history["valid_elbo"]) if trainer.history["valid_elbo"] else float("nan")
+    say(f"{status}: best validation ELBO {best:.3f} nats; run directory {trainer.out}")
+    run, image_shape, builtin = trainer.out, trainer.data.image_shape, trainer.data.name in BUILTIN_SIZES
+    del trainer   # its model, buffers and data: the figures load the run afresh, as `npvae plot` does
+    code = 0
+    if not args.no_plots:
+        from .plots import plot_run
+        try:
+            paths = plot_run(run, data_dir=args.data_dir)
+        except (ImportError, OSError) as e:   # no matplotlib, a full disk: the run itself is saved
+            print(f"npvae train: error: the run is saved, but its figures could not be drawn ({e}); "
+                  f"draw them later with: npvae plot {shlex.quote(str(run))}", file=sys.stderr)
+            code = 1
+        else:
+            say("figures of best.npz (the best validation ELBO):", *(f"  {p}" for p in paths))
+    say(*_next_commands(run, image_shape, builtin, plotted=not args.no_plots))
+    return code
+
+
+def _next_commands(run, image_shape, builtin, plotted):
+    """The lines that end `npvae train`: what to try on the run next, as commands to copy."""
+    r = shlex.quote(str(run))
+    commands = [(f"npvae eval {r} --k 5000", "test ELBO, and log p(x) by importance sampling, K = 5000")]
+    if image_shape:
+        commands.append((f"npvae sample {r}", f"64 new images into {Path(run) / 'samples.png'}"))
+    commands.append((f"npvae plot {r}", "redraw the figures (--which latest: the last epoch's)" if plotted
+                     else "draw the figures into " + str(Path(run) / "plots")))
+    if builtin:
+        commands.append(("npvae train --dataset mnist --data-dir DIR",
+                         "a real dataset: DIR holds mnist/ (README: Data)"))
+    width = max(len(c) for c, _ in commands)
+    return ["next:"] + [f"  {c:<{width}}   # {why}" for c, why in commands]
 
 
 def _load_run(run, which):
@@ -240,19 +306,24 @@ def build_parser():
     p.set_defaults(func=cmd_gradcheck)
 
     p = sub.add_parser("train", help="train a VAE and write a run directory",
-                       description="Train a VAE. With no arguments: the built-in shapes set, "
-                                   "written to runs/shapes.")
+                       description="Train a VAE and write its run directory: checkpoints, config.json "
+                                   "and, when training ends (not when interrupted), the figures of `npvae plot` "
+                                   "in RUN/plots; then print what to try next. With no arguments: the built-in "
+                                   "shapes set, written to runs/shapes, with the defaults it has of its own ("
+                                   + ", ".join(f"--{f.replace('_', '-')} {v:g}" for f, v in
+                                               DATASET_DEFAULTS["shapes"].items()) + ").")
     p.add_argument("--dataset", help="mnist, fashion-mnist, binarized-mnist, frey, shapes, pinwheel, "
                                      "moons, ring, or a .npy/.npz path (default shapes)")
     p.add_argument("--data-dir", help="folder with the datasets (default: $NPVAE_DATA, else ~/.npvae/data)")
-    p.add_argument("--epochs", type=positive_int, help="passes over the training set (default 10)")
+    p.add_argument("--epochs", type=positive_int,
+                   help=f"passes over the training set ({_default_help('epochs', 10)})")
     p.add_argument("--batch-size", type=positive_int, help="examples per step (default 128)")
     p.add_argument("--hidden", type=widths, help="hidden widths, e.g. 400 or 200,200 (default 400)")
-    p.add_argument("--z-dim", type=positive_int, help="latent dimensions (default 20)")
+    p.add_argument("--z-dim", type=positive_int, help=f"latent dimensions ({_default_help('z_dim', 20)})")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default relu)")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z) (default: the dataset's)")
     p.add_argument("--x-sigma", type=positive_float, help="fixed sigma of a Gaussian p(x|z) (default learned)")
-    p.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=positive_float, help=f"Adam learning rate ({_default_help('lr', '1e-3')})")
     p.add_argument("--lr-schedule", choices=("constant", "exponential", "burda", "stages"), help="default constant")
     p.add_argument("--lr-final", type=positive_float, help="last learning rate of the exponential schedule")
     p.add_argument("--warmup", type=nonnegative_float, help="epochs of linear KL warm-up (default 0)")
@@ -280,7 +351,12 @@ def build_parser():
     p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<dataset>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN (--epochs may extend it)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not draw the run's figures at the end (they take a few seconds and matplotlib; "
+                        "`npvae plot RUN` draws them later)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors: no progress, no summary, no figure paths or next commands "
+                        "(the figures are still written, unless --no-plots)")
     p.set_defaults(func=cmd_train)
 
     for name, help_text in (("eval", "test ELBO, reconstruction and KL of a trained run"),

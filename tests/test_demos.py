@@ -25,7 +25,7 @@ DEMOS = {
     "estimators": ["estimators.png"],
     "amortization": ["amortization.png"],
     "shallow_vs_deep": ["shallow_vs_deep.png"],
-    "reproduce_iwae": [],          # numbers, not pictures: see test_reproduce_iwae_logs_stages_and_matches_eval
+    "reproduce_iwae": ["stages.png"],   # and its numbers: see test_reproduce_iwae_logs_stages_and_matches_eval
     "tutorial": ["1_data.png", "2_density.png", "3_estimators.png", "6_loss.png", "6_samples.png",
                  "6_reconstructions.png", "7_posterior.png"],
 }

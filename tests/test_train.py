@@ -179,7 +179,7 @@ def test_the_reference_engine_trains_the_same_run_as_the_fast_one(tmp_path, data
 
 def test_cli_engine_reference_and_a_bad_engine(tmp_path, capsys):
     assert main(["train", "--dataset", "shapes", "--epochs", "1", "--n-train", "300", "--n-valid", "100",
-                 "--hidden", "16", "--z-dim", "2", "--engine", "reference", "--quiet",
+                 "--hidden", "16", "--z-dim", "2", "--engine", "reference", "--quiet", "--no-plots",
                  "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "checkpoint.npz").is_file()
     with pytest.raises(ValueError, match="engine must be one of"):
@@ -302,7 +302,7 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "shapes", "--epochs", "1", "--hidden", "32", "--z-dim", "3",
                  "--batch-size", "50", "--n-train", "500", "--n-valid", "100", "--out", str(run),
-                 "--quiet"]) == 0
+                 "--quiet", "--no-plots"]) == 0
     assert main(["eval", str(run), "--json", "--n", "300"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"elbo", "recon", "kl", "n"} <= result.keys() and result["n"] == 300
@@ -314,7 +314,7 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0]
     # --resume extends it
-    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--no-plots"]) == 0
     assert int(ckpt.read_state(run / "checkpoint.npz")["epoch"]) == 2
 
 
@@ -345,7 +345,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = ["--epochs", "6", "--hidden", "32", "--z-dim", "3", "--n-train", "3000", "--n-valid", "200",
-            "--batch-size", "50", "--quiet"]
+            "--batch-size", "50", "--quiet", "--no-plots"]
     assert run_cli("train", *args, "--out", str(tmp_path / "full")).returncode == 0
     p = subprocess.Popen([sys.executable, "-m", "npvae", "train", *args, "--out", str(tmp_path / "cut")])
     deadline = time.time() + 60
@@ -354,10 +354,90 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     time.sleep(0.3)  # somewhere inside a later epoch, possibly mid-write
     p.kill()
     p.wait()
-    r = run_cli("train", "--resume", str(tmp_path / "cut"))
+    r = run_cli("train", "--resume", str(tmp_path / "cut"), "--no-plots")
     assert r.returncode == 0, r.stderr
     assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
     assert_identical(params_of(tmp_path / "full", "best"), params_of(tmp_path / "cut", "best"))
+
+
+# The figures at the end of `npvae train`: a tiny shapes run, Z = 2, so that every image figure is drawn.
+TINY_CLI = ["train", "--dataset", "shapes", "--epochs", "2", "--n-train", "300", "--n-valid", "100",
+            "--hidden", "16", "--z-dim", "2", "--batch-size", "50"]
+FIGURES = {"samples.png", "manifold.png", "curves.png", "reconstructions.png", "latent.png"}
+
+
+def test_cli_train_ends_with_the_figures_and_the_next_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(TINY_CLI + ["--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert {p.name for p in (run / "plots").iterdir()} == FIGURES
+    # every figure written is named on its own line, by a path that exists
+    printed = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")
+               and not line.lstrip().startswith("npvae")]
+    assert sorted(printed) == sorted(run / "plots" / name for name in FIGURES)
+    assert out.index("figures") < out.index("next:")
+    for command in (f"npvae eval {run} --k 5000", f"npvae sample {run}", f"npvae plot {run}",
+                    "npvae train --dataset mnist --data-dir DIR"):
+        assert command in out, command
+    # and they are what `npvae plot` draws: the run's best checkpoint, PNGs with something on them
+    from PIL import Image
+    for name in FIGURES:
+        with Image.open(run / "plots" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 50, name
+
+
+def test_cli_train_no_plots_writes_no_figures_and_quiet_prints_nothing(tmp_path, capsys):
+    assert main(TINY_CLI + ["--out", str(tmp_path / "a"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "a" / "plots").exists() and ".png" not in out.replace("samples.png", "")
+    assert f"npvae plot {tmp_path / 'a'}" in out          # which draws them later
+    assert main(TINY_CLI + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert {p.name for p in (tmp_path / "b" / "plots").iterdir()} == FIGURES   # written all the same
+
+
+def test_cli_train_interrupted_or_diverged_writes_no_figures(tmp_path, monkeypatch):
+    from npvae.train import TrainingDiverged
+    original = Trainer._train_epoch
+
+    def interrupted_in_the_second_epoch(self):
+        if self.epoch == 1:
+            self._on_sigint(signal.SIGINT, None)   # as Ctrl-C: run() saves the state, returns "interrupted"
+        return original(self)
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted_in_the_second_epoch)
+    assert main(TINY_CLI + ["--out", str(tmp_path / "cut")]) == 130
+    assert int(ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")["epoch"]) == 1
+    assert not (tmp_path / "cut" / "plots").exists()
+
+    def diverge(self):
+        raise TrainingDiverged("non-finite loss in epoch 1, step 1")
+    monkeypatch.setattr(Trainer, "_train_epoch", diverge)
+    assert main(TINY_CLI + ["--out", str(tmp_path / "nan")]) == 1
+    assert not (tmp_path / "nan" / "plots").exists()
+
+
+def test_cli_train_applies_the_shapes_defaults_only_where_not_given(monkeypatch):
+    from npvae.cli import DATASET_DEFAULTS
+    configs = []
+
+    def record(self, until=None):   # no training: only the configuration the command line built
+        configs.append(self.config)
+        return "interrupted"
+    monkeypatch.setattr(Trainer, "run", record)
+    shapes = DATASET_DEFAULTS["shapes"]
+    assert shapes, "the built-in set has its own defaults"
+    for argv in (["train"], ["train", "--dataset", "shapes"]):
+        assert main(argv + ["--n-train", "300", "--n-valid", "100", "--out", "/tmp/npvae-never"]) == 130
+        assert {f: getattr(configs[-1], f) for f in shapes} == shapes
+    # an option given on the command line wins; another dataset gets TrainConfig's defaults
+    given = {"epochs": 3, "z_dim": 7}
+    assert main(["train", "--epochs", "3", "--z-dim", "7", "--n-train", "300", "--n-valid", "100",
+                 "--out", "/tmp/npvae-never"]) == 130
+    assert {f: getattr(configs[-1], f) for f in shapes} == {**shapes, **given}
+    assert main(["train", "--dataset", "ring", "--n-train", "300", "--n-valid", "100", "--out",
+                 "/tmp/npvae-never"]) == 130
+    assert {f: getattr(configs[-1], f) for f in shapes} == {f: getattr(TrainConfig(), f) for f in shapes}
 
 
 # --- real data ----------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def bench_memory(data_dir, epochs=1, backend="auto"):
     import tempfile
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-c", _PEAK_CHILD, "train", "--dataset", "mnist", "--epochs", str(epochs),
-               "--out", os.path.join(out, "run"), "--quiet", "--backend", backend]
+               "--out", os.path.join(out, "run"), "--quiet", "--no-plots", "--backend", backend]
         if data_dir:
             cmd += ["--data-dir", str(data_dir)]
         r = subprocess.run(cmd, capture_output=True, text=True)
