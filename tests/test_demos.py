@@ -80,7 +80,7 @@ def test_demo_quick_draws_its_figures(name, tmp_path):
     assert "done in" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["mnist", "frey", "tutorial"])
+@pytest.mark.parametrize("name", ["mnist", "frey", pytest.param("tutorial", marks=pytest.mark.slow)])   # tutorial: its --quick run above is the fast sibling
 def test_demo_falls_back_to_a_builtin_set_without_data(name, tmp_path):
     if real_data_dir() is None:
         pytest.skip("no real data here, so the test above already ran the fallback")

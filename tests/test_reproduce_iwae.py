@@ -35,6 +35,7 @@ def assert_png(path):
     assert pixels.std() > 5, f"{path.name} is nearly blank"
 
 
+@pytest.mark.slow   # the fast sibling: tests/test_demos.py runs --quick and checks stages.png
 def test_quick_run_draws_the_stages_png_and_prints_its_path(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, str(DEMO), "--quick", "--out", str(out)]
