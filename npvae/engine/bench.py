@@ -106,17 +106,22 @@ def bench_train(name, hidden, activation, batch_size, x_train, repeats, source, 
                 after = perm[s + batch_size:s + 2 * batch_size]
                 step(x_train, 1.0, rng, index=perm[s:s + batch_size], next_index=after if after.size else None)
 
-    floor_fn = matmul_floor_train((784,) + tuple(hidden), z_dim, sizes, np.float32)
+    result = _epoch_against_floor(name, epoch, matmul_floor_train((784,) + tuple(hidden), z_dim, sizes, np.float32),
+                                  n, repeats, source)
+    step.close()   # no idle helpers while the next benchmark runs
+    return dict(result, threads=n_threads, backend=backend)
+
+
+def _epoch_against_floor(name, epoch, floor_fn, n, repeats, source):
+    """Time epoch() (n examples) and floor_fn() in turn, repeats times; -> the row's result dict (medians)."""
     floor_fn()  # warm up BLAS threads and caches
     epoch_t, floor_t = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine state
         epoch_t.append(_median_time(epoch, 1)[0])
         floor_t.append(_median_time(floor_fn, 1)[0])
-    step.close()   # no idle helpers while the next benchmark runs
     t, f = statistics.median(epoch_t), statistics.median(floor_t)
     return {"name": name, "seconds": t, "floor_seconds": f, "ratio": t / f,
-            "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source,
-            "threads": n_threads, "backend": backend}
+            "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source}
 
 
 def bench_own_loop(batch_size, x_train, repeats, source):
@@ -142,15 +147,8 @@ def bench_own_loop(batch_size, x_train, repeats, source):
             loss, grads = model.loss_and_grads(x, rng=rng)
             opt.step(grads)
 
-    floor_fn = matmul_floor_train((784, 400), 20, sizes, np.float32)
-    floor_fn()
-    epoch_t, floor_t = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine state
-        epoch_t.append(_median_time(epoch, 1)[0])
-        floor_t.append(_median_time(floor_fn, 1)[0])
-    t, f = statistics.median(epoch_t), statistics.median(floor_t)
-    return {"name": f"own loop 784-400-20 relu, batch {batch_size}", "seconds": t, "floor_seconds": f,
-            "ratio": t / f, "examples_per_s": n / t, "floor_examples_per_s": n / f, "data": source}
+    return _epoch_against_floor(f"own loop 784-400-20 relu, batch {batch_size}", epoch,
+                                matmul_floor_train((784, 400), 20, sizes, np.float32), n, repeats, source)
 
 
 def bench_log_likelihood(k, n_images, x, repeats, threads="auto"):
