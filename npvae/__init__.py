@@ -4,11 +4,12 @@ Reading order, the reference first: layers -> distributions -> model ->
 optim -> evaluate -> gradcheck -> data -> train -> checkpoint -> cli. Then
 npvae.engine, read after the rest: how it is made fast.
 """
+from .hierarchical import HierarchicalVAE
 from .model import VAE
 from .optim import SGD, Adam
 
 __version__ = "0.1.0"
-__all__ = ["VAE", "Adam", "SGD", "load", "log_likelihood", "__version__"]
+__all__ = ["VAE", "HierarchicalVAE", "Adam", "SGD", "load", "log_likelihood", "__version__"]
 
 
 def __getattr__(name):

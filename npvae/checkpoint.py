@@ -130,10 +130,10 @@ def restore_params(model, state, path=""):
     """Copy a checkpoint's parameters into model, after checking they match exactly."""
     saved = model_config_of(state, path)
     ours = model.config
-    for key in ("x_dim", "hidden", "z_dim", "likelihood", "activation", "dtype", "x_sigma"):
-        if saved.get(key) != ours[key]:
+    for key in ("x_dim", "hidden", "z_dim", "layers", "likelihood", "activation", "dtype", "x_sigma"):
+        if saved.get(key) != ours.get(key):   # "layers": a HierarchicalVAE's; "hidden", "z_dim": a VAE's
             raise CheckpointError(f"checkpoint {path} was saved with {key}={saved.get(key)!r}, "
-                                  f"but the model has {key}={ours[key]!r}")
+                                  f"but the model has {key}={ours.get(key)!r}")
     arrays = {}
     for name, p in model.params.items():
         a = state.get("params/" + name)
@@ -171,7 +171,7 @@ def optimizer_state_of(state):
 
 
 def load(run, which="best"):
-    """The trained VAE of a run directory; which = "best" (by validation ELBO) or "latest"."""
+    """The trained VAE (or HierarchicalVAE) of a run directory; which = "best" (by validation ELBO) or "latest"."""
     from .model import VAE
     run = Path(run)
     if which not in ("best", "latest"):
@@ -180,6 +180,11 @@ def load(run, which="best"):
         raise FileNotFoundError(f"run directory {run} does not exist")
     path = run / (BEST if which == "best" else LATEST)
     state = read_state(path)
-    model = VAE(**model_config_of(state, path))
+    config = model_config_of(state, path)
+    if "layers" in config:   # written by npvae.hierarchical.HierarchicalVAE.config
+        from .hierarchical import HierarchicalVAE
+        model = HierarchicalVAE(**config)
+    else:
+        model = VAE(**config)
     restore_params(model, state, path)
     return model

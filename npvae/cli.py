@@ -63,6 +63,18 @@ def widths(text):
     return values
 
 
+def stochastic_layer(text):
+    """'200,200:100' -> [[200, 200], 100]: one stochastic layer of --layers, hidden widths : latent size."""
+    hidden, sep, z = text.partition(":")
+    try:
+        values = [int(t) for t in hidden.split(",")], int(z)
+    except ValueError:
+        values = None
+    if not sep or values is None or min(values[0]) < 1 or values[1] < 1:
+        raise argparse.ArgumentTypeError(f"expected a layer like 200,200:100 (hidden widths:latent size), got {text!r}")
+    return [values[0], values[1]]
+
+
 # --- commands -----------------------------------------------------------------------
 
 def cmd_gradcheck(args):
@@ -123,6 +135,11 @@ def cmd_train(args):
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
             "x_sigma", "lr", "lr_schedule", "lr_final", "warmup", "beta", "objective", "k", "binarize",
             "threshold", "n_valid", "n_train", "patience", "seed", "dtype") if getattr(args, f) is not None}
+        if args.layers is not None:
+            if args.hidden is not None or args.z_dim is not None:
+                raise UsageError("--layers sets every layer's hidden widths and latent size; "
+                                 "drop --hidden/--z-dim (they describe a one-layer VAE)")
+            fields["layers"] = args.layers
         if "k" in fields and fields["k"] > 1 and "objective" not in fields:
             fields["objective"] = "iwae"
         if args.no_init_bias:
@@ -136,8 +153,7 @@ def cmd_train(args):
         trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads, backend=args.backend,
                           engine=args.engine or "fast")
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
-                    f"{trainer.x_valid.shape[0]} valid; model {trainer.model.x_dim}-"
-                    f"{'-'.join(map(str, trainer.model.hidden))}-{trainer.model.z_dim} "
+                    f"{trainer.x_valid.shape[0]} valid; model {_architecture(trainer.model)} "
                     f"{trainer.model.activation}, {trainer.model.likelihood}; {config.epochs} epochs; "
                     f"run directory {out}")
     try:
@@ -169,6 +185,13 @@ def cmd_train(args):
             say("figures of best.npz (the best validation ELBO):", *(f"  {p}" for p in paths))
     say(*_next_commands(run, image_shape, builtin, plotted=not args.no_plots))
     return code
+
+
+def _architecture(model):
+    """'784-400-20', or for a HierarchicalVAE '784-200-200-[100]-100-100-[50]' ([Z]: a stochastic layer)."""
+    if not hasattr(model, "layers"):
+        return f"{model.x_dim}-{'-'.join(map(str, model.hidden))}-{model.z_dim}"
+    return f"{model.x_dim}-" + "-".join("-".join(map(str, h)) + f"-[{z}]" for h, z in model.layers)
 
 
 def _next_commands(run, image_shape, builtin, plotted):
@@ -227,7 +250,13 @@ def cmd_eval(args):
     if args.n is not None:
         x = x[:args.n]
     result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
-    result["active_units"], _ = evaluate.active_units(model, x)
+    if hasattr(model, "layers"):   # a HierarchicalVAE: per layer, bottom first
+        from .hierarchical import active_units
+        result["active_units_per_layer"] = [n for n, _ in active_units(model, x)]
+        result["z_dims"] = list(model.z_dims)
+        if args.amortization is not None:
+            raise UsageError("--amortization is for a one-layer VAE; this run has several stochastic layers")
+    result["active_units"], _ = evaluate.active_units(model, x)   # of z_1 alone for a HierarchicalVAE
     result["z_dim"] = model.z_dim
     if args.k is not None:
         t = time.perf_counter()
@@ -249,7 +278,11 @@ def cmd_eval(args):
         return 0
     print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
           f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
-    print(f"active units: {result['active_units']} of {model.z_dim} (Var_x E_q[z_j|x] > 0.01)")
+    if "active_units_per_layer" in result:
+        print("active units per layer: " + " + ".join(f"{n} of {z}" for n, z in zip(
+            result["active_units_per_layer"], result["z_dims"])) + " (Var_x E_q[z_j|x] > 0.01)")
+    else:
+        print(f"active units: {result['active_units']} of {model.z_dim} (Var_x E_q[z_j|x] > 0.01)")
     if "log_likelihood" in result:
         print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
               f"(importance sampling, K = {args.k}, {result['log_likelihood_seconds']:.1f} s)")
@@ -320,6 +353,10 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, help="examples per step (default 128)")
     p.add_argument("--hidden", type=widths, help="hidden widths, e.g. 400 or 200,200 (default 400)")
     p.add_argument("--z-dim", type=positive_int, help=f"latent dimensions ({_default_help('z_dim', 20)})")
+    p.add_argument("--layers", type=stochastic_layer, nargs="+", metavar="H,H:Z",
+                   help="several stochastic layers, bottom first, each hidden widths:latent size: "
+                        "--layers 200,200:100 100,100:50 is Burda et al.'s two-layer model (a HierarchicalVAE, "
+                        "trained on the reference path; excludes --hidden and --z-dim)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default relu)")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z) (default: the dataset's)")
     p.add_argument("--x-sigma", type=positive_float, help="fixed sigma of a Gaussian p(x|z) (default learned)")

@@ -354,7 +354,7 @@ def plot_run(run, out=None, data_dir=None, which="best"):
     if shape:
         paths.append(plot_samples(model.sample(64, rng=rng), shape, out / "samples.png",
                                   f"{name}: samples, mean of p(x|z), z ~ N(0, I)", n_cols=8))
-        if model.z_dim == 2:
+        if model.z_dim == 2 and not hasattr(model, "layers"):
             paths.append(plot_manifold(model, shape, out / "manifold.png",
                                        title=f"{name}: decoded means over a grid of prior quantiles"))
     history = ckpt.history_of(ckpt.read_state(run / ckpt.LATEST))
@@ -371,7 +371,8 @@ def plot_run(run, out=None, data_dir=None, which="best"):
                                           out / "reconstructions.png",
                                           f"{name}: test images and their reconstructions"))
     if y is not None:
-        mu = np.concatenate([model.encode(x[i:i + 1000])[0] for i in range(0, len(x), 1000)])
+        # a HierarchicalVAE's encode gives every layer's (mu, log_sigma): z_1's mu is drawn
+        mu = np.concatenate([model._encode(model._as_x(x[i:i + 1000]))[0] for i in range(0, len(x), 1000)])
         paths.append(plot_latent(mu, y, out / "latent.png", f"{name}: test set in latent space (mu of q(z|x))",
                                  names=LABEL_NAMES.get(data_name)))
     if model.x_dim == 2 and model.likelihood == "gaussian":
