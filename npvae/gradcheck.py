@@ -153,6 +153,16 @@ def small_model(likelihood, activation, seed, x_sigma=None, D=6, hidden=(5, 4), 
     return model
 
 
+def small_hierarchical(likelihood, activation, seed, layers=(((5, 4), 3), ((4, 3), 2)), D=6):
+    """A float64 HierarchicalVAE at a generic point, as small_model (Burda's: layers=BURDA_LAYERS, D=784)."""
+    from .hierarchical import HierarchicalVAE
+    model = HierarchicalVAE(D, layers, likelihood=likelihood, activation=activation, dtype=np.float64, seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, p in model.params.items():
+        p += 0.1 * rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
+    return model
+
+
 def model_data(model, rng, B=4):
     """Inputs that suit the model's likelihood: grey levels for Bernoulli, reals for Gaussian."""
     if model.likelihood == "bernoulli":
@@ -214,6 +224,21 @@ def components():
     comps.append(("vae[gaussian,tanh,560-200-200-10] iwae direction",
                   lambda rng: check_model(small_model("gaussian", "tanh", 4, None, 560, (200, 200), 10),
                                           rng, "iwae", k=5, B=8, direction=True)))
+    # two stochastic layers (and three): the backward through every reparameterization
+    # (not elu for the Gaussian: its kink in the second derivative at 0 costs central differences ~1e-8)
+    for lik, act in (("bernoulli", "tanh"), ("gaussian", "softplus")):
+        for term, k in (("recon", 1), ("kl", 1), ("elbo", 1), ("iwae", 4)):
+            comps.append((f"hvae[{lik},{act},6-5-4-[3]-4-3-[2]] {term}{f' k={k}' if k > 1 else ''}",
+                          lambda rng, lik=lik, act=act, term=term, k=k:
+                          check_model(small_hierarchical(lik, act, 5), rng, term, k=k)))
+    comps.append(("hvae[bernoulli,tanh,3 layers] iwae k=3",
+                  lambda rng: check_model(small_hierarchical("bernoulli", "tanh", 6, (((5,), 3), ((4,), 2), ((3,), 2))),
+                                          rng, "iwae", k=3)))
+    from .hierarchical import BURDA_LAYERS
+    for term, k in (("elbo", 1), ("iwae", 5)):
+        comps.append((f"hvae[bernoulli,tanh,Burda 784-200-200-[100]-100-100-[50]] {term} direction",
+                      lambda rng, term=term, k=k: check_model(small_hierarchical("bernoulli", "tanh", 7, BURDA_LAYERS, 784),
+                                                              rng, term, k=k, B=8, direction=True)))
     return comps
 
 
