@@ -84,3 +84,33 @@ def test_plot_stages_draws_every_kind_of_log(demo, tmp_path, dataset, k, final, 
     path = demo.plot_stages(a_log(dataset, k, ends, final, extended), tmp_path / "stages.png")
     assert path == tmp_path / "stages.png"
     assert_png(path)
+
+
+def test_two_layer_quick_run_logs_stages_and_matches_eval(tmp_path, capsys):
+    """--layers 2 trains Burda's two-stochastic-layer model; its final log p(x) is `npvae eval`'s."""
+    import json
+
+    from npvae.cli import main
+    out = tmp_path / "out"
+    args = [sys.executable, str(DEMO), "--quick", "--layers", "2", "--out", str(out)]
+    data_dir = real_data_dir()
+    if data_dir is not None:
+        args += ["--data-dir", data_dir]
+    result = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "784-200-200-[100]-100-100-[50]" in result.stdout
+    log = json.loads((out / "stages.json").read_text())
+    assert log["config"]["layers"] == [[[200, 200], 100], [[100, 100], 50]]
+    assert log["paper"] == -85.33                       # Table 1, two stochastic layers, k = 1
+    assert [s["stage"] for s in log["stages"]] == list(range(1, 9))
+    assert log["stages"][-1]["valid_elbo"] > log["stages"][0]["valid_elbo"]
+    assert_png(out / "stages.png")
+    final = log["final"]
+    eval_args = ["eval", str(out / "run"), "--k", str(final["k"]), "--n", str(final["n"]), "--json", "--quiet",
+                 "--threads", "1"] + (["--data-dir", data_dir] if data_dir else [])
+    capsys.readouterr()
+    assert main(eval_args) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["log_likelihood"] == pytest.approx(final["test_log_px"], rel=1e-6)
+    assert len(evaluated["active_units_per_layer"]) == 2
