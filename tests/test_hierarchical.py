@@ -11,6 +11,7 @@ import npvae
 from npvae import checkpoint as ckpt
 from npvae import gradcheck as gc
 from npvae.cli import main
+from npvae.engine.hierarchical import FastHierarchicalVAE
 from npvae.hierarchical import BURDA_LAYERS, HierarchicalVAE, active_units, log_likelihood
 from npvae.model import VAE
 from npvae.train import TrainConfig, Trainer
@@ -25,9 +26,12 @@ def small(layers=TWO, likelihood="bernoulli", activation="tanh", seed=5):
 
 # --- gradients ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layers", [TWO, THREE], ids=["two layers", "three layers"])
+CASES = [(TWO, term, k) for term, k in (("recon", 1), ("kl", 1), ("elbo", 1), ("iwae", 1), ("iwae", 4))]
+CASES += [(THREE, "elbo", 1), (THREE, "iwae", 4)]   # three layers: the loop over l, not only l = 2
+
+
+@pytest.mark.parametrize("layers, term, k", CASES, ids=[f"{len(c[0])} layers-{c[1]}-k{c[2]}" for c in CASES])
 @pytest.mark.parametrize("likelihood, activation", [("bernoulli", "tanh"), ("gaussian", "softplus")])
-@pytest.mark.parametrize("term, k", [("recon", 1), ("kl", 1), ("elbo", 1), ("iwae", 1), ("iwae", 4)])
 def test_every_gradient_entry_matches_central_differences(layers, likelihood, activation, term, k):
     errors = gc.check_model(small(layers, likelihood, activation), np.random.default_rng(1), term, k=k)
     assert max(errors.values()) <= gc.TOLERANCE, errors
@@ -164,7 +168,7 @@ def test_bad_layers_say_what_was_expected(layers, match):
 # --- training, checkpoints, CLI --------------------------------------------------------------
 
 def tiny(**kw):
-    base = dict(dataset="shapes", epochs=2, batch_size=50, layers=[[[16], 4], [[8], 2]], n_train=400,
+    base = dict(dataset="shapes", epochs=2, batch_size=50, layers=[[[16], 4], [[8], 2]], n_train=200,
                 n_valid=100, seed=3, activation="tanh")
     base.update(kw)
     return TrainConfig(**base)
@@ -180,7 +184,7 @@ def test_training_resumes_bit_for_bit_and_load_reads_it_back(tmp_path, objective
     Trainer(tiny(epochs=3, objective=objective, k=k), tmp_path / "full", quiet=True).run()
     Trainer(tiny(epochs=1, objective=objective, k=k), tmp_path / "part", quiet=True).run()
     t = Trainer.resume(tmp_path / "part", epochs=3, quiet=True)
-    assert isinstance(t.model, HierarchicalVAE) and t.engine == "reference"
+    assert isinstance(t.model, FastHierarchicalVAE) and t.engine == "fast"
     t.run()
     a, b = params_of(tmp_path / "full"), params_of(tmp_path / "part")
     assert a.keys() == b.keys()
@@ -192,6 +196,29 @@ def test_training_resumes_bit_for_bit_and_load_reads_it_back(tmp_path, objective
     # a one-layer checkpoint refuses a two-layer model, naming the difference
     with pytest.raises(ckpt.CheckpointError, match="was saved with hidden=None"):
         ckpt.restore_params(VAE(model.x_dim, (16,), 4), ckpt.read_state(tmp_path / "full" / ckpt.LATEST))
+
+
+def test_the_fast_engine_trains_the_reference_run(tmp_path):
+    """FastHierarchicalVAE + FlatAdam (engine "fast") and HierarchicalVAE + Adam agree in float64 to rounding."""
+    fast = Trainer(tiny(dtype="float64", objective="iwae", k=2), tmp_path / "fast", quiet=True)
+    reference = Trainer(tiny(dtype="float64", objective="iwae", k=2), tmp_path / "ref", quiet=True,
+                        engine="reference")
+    assert type(fast.model) is FastHierarchicalVAE and type(reference.model) is HierarchicalVAE
+    assert fast.run() == reference.run() == "done"
+    a, b = params_of(tmp_path / "fast"), params_of(tmp_path / "ref")
+    for n in a:
+        if n.startswith("params/"):
+            np.testing.assert_allclose(b[n], a[n], rtol=1e-9, atol=1e-9 * np.abs(a[n]).max(), err_msg=n)
+    np.testing.assert_allclose(fast.history["valid_elbo"], reference.history["valid_elbo"], rtol=1e-10)
+    # one step's gradients, term by term
+    x = fast.valid[:20]
+    for k in (1, 4):
+        eps = np.random.default_rng(k).standard_normal((20, k, fast.model.z_dim))[:, 0 if k == 1 else slice(None)]
+        lf, gf = fast.model.loss_and_grads(x, eps, k=k, copy=True)
+        lr, gr = reference.model.loss_and_grads(x, eps, k=k, copy=True)
+        assert lf == pytest.approx(lr, rel=1e-12)
+        for n in gr:
+            np.testing.assert_allclose(gf[n], gr[n], rtol=1e-9, atol=1e-12 * np.abs(gr[n]).max(), err_msg=n)
 
 
 def test_cli_train_eval_with_layers_and_its_errors(tmp_path, capsys):

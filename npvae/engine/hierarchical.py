@@ -12,9 +12,9 @@ import functools
 import numpy as np
 
 from .. import evaluate, hierarchical
-from . import parallel
+from . import kernels, parallel
 from .evaluate import _SharedProgress
-from .model import twin
+from .model import BoundDense, twin
 
 
 def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, threads="auto"):
@@ -28,7 +28,7 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
         return hierarchical.log_likelihood_of_seeds(model, x, k, seeds, batch_size, chunk, progress)
     if progress is not None:   # each thread reports its own examples; progress sees the total
         progress = _SharedProgress(progress, x.shape[0])
-    parts = [functools.partial(hierarchical.log_likelihood_of_seeds, model if j == 0 else twin(model), x[a:b], k,
+    parts = [functools.partial(hierarchical.log_likelihood_of_seeds, model if j == 0 else _twin(model), x[a:b], k,
                                seeds[a:b], batch_size, chunk, None if progress is None else progress.part(j))
              for j, (a, b) in enumerate(parallel.ranges(x.shape[0], n))]
     workers = parallel.Workers(n)
@@ -36,3 +36,31 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
         return np.concatenate(workers.run(parts))
     finally:
         workers.close()
+
+
+def _twin(model):
+    """engine.model.twin, with a work buffer of its own (a FastHierarchicalVAE's is per thread)."""
+    other = twin(model)
+    other._work = None
+    return other
+
+
+class FastHierarchicalVAE(hierarchical.HierarchicalVAE):
+    """npvae.hierarchical.HierarchicalVAE with the engine's layers and Bernoulli kernel; the same numbers.
+
+    Its Dense layers are engine.model.BoundDense (unbound: the bias gradient summed by BLAS,
+    kernels.column_sums) and a Bernoulli log p(x|z_1) is kernels.bernoulli_log_prob, as in
+    FastVAE. Everything else is the reference's: HierarchicalVAE.forward, backward,
+    forward_iwae, backward_iwae (tests/test_hierarchical.py holds them equal).
+    """
+
+    dense_layer = BoundDense
+    _work = None
+
+    def log_px_z(self, x, out):
+        """HierarchicalVAE.log_px_z; a Bernoulli's by kernels.bernoulli_log_prob into a kept buffer."""
+        if self.likelihood != "bernoulli":
+            return super().log_px_z(x, out)
+        if self._work is None or self._work.size < out.size:
+            self._work = np.empty(out.size, dtype=self.dtype)
+        return kernels.bernoulli_log_prob(x, out, self._work)
