@@ -1,7 +1,7 @@
 """npvae: a variational autoencoder in NumPy, every gradient written by hand.
 
 Reading order, the reference first: layers -> distributions -> model ->
-optim -> evaluate -> gradcheck -> data -> train -> checkpoint -> cli. Then
+hierarchical -> optim -> evaluate -> gradcheck -> data -> train -> checkpoint -> cli. Then
 npvae.engine, read after the rest: how it is made fast.
 """
 from .hierarchical import HierarchicalVAE

@@ -355,8 +355,8 @@ def build_parser():
     p.add_argument("--z-dim", type=positive_int, help=f"latent dimensions ({_default_help('z_dim', 20)})")
     p.add_argument("--layers", type=stochastic_layer, nargs="+", metavar="H,H:Z",
                    help="several stochastic layers, bottom first, each hidden widths:latent size: "
-                        "--layers 200,200:100 100,100:50 is Burda et al.'s two-layer model (a HierarchicalVAE, "
-                        "trained on the reference path; excludes --hidden and --z-dim)")
+                        "--layers 200,200:100 100,100:50 --activation tanh is Burda et al.'s two-layer model (a HierarchicalVAE, "
+                        "trained on one thread; excludes --hidden and --z-dim)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default relu)")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z) (default: the dataset's)")
     p.add_argument("--x-sigma", type=positive_float, help="fixed sigma of a Gaussian p(x|z) (default learned)")

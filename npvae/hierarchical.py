@@ -41,6 +41,7 @@ Derivation of the backward pass: docs/derivations.md, "A hierarchical VAE".
 Shapes: B batch, D data, H hidden, Z_l layer l's latent, K importance samples.
 """
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -119,8 +120,10 @@ class HierarchicalVAE(VAE):
     def _layer_specs(self):
         """(name, fan_in, fan_out, activation) for every layer: layer 1 as VAE's, then enc<l>, dec<l>."""
         (hidden, Z1), act = self.layers[0], self.activation
-        one = VAE(self.x_dim, hidden, Z1, self.likelihood, act, self.dtype, x_sigma=self.x_sigma)
-        specs = one._layer_specs()
+        # layer 1 is a one-layer VAE's encoder and decoder: VAE's own specs for its sizes
+        one = SimpleNamespace(x_dim=self.x_dim, hidden=hidden, z_dim=Z1, activation=act,
+                              likelihood=self.likelihood, x_sigma=self.x_sigma)
+        specs = VAE._layer_specs(one)
         for l in range(2, len(self.layers) + 1):
             hidden, Z = self.layers[l - 1]
             Z_below = self.z_dims[l - 2]
