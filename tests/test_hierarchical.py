@@ -1,5 +1,6 @@
 """The hierarchical VAE (npvae/hierarchical.py): its gradients, its meaning, training, resume, CLI."""
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,20 @@ def test_training_resumes_bit_for_bit_and_load_reads_it_back(tmp_path, objective
     # (the IWAE: every term of the chain is sampled, and the generator's state carries all the draws)
     Trainer(tiny(epochs=3, objective=objective, k=k), tmp_path / "full", quiet=True).run()
     Trainer(tiny(epochs=1, objective=objective, k=k), tmp_path / "part", quiet=True).run()
-    t = Trainer.resume(tmp_path / "part", epochs=3, quiet=True)
+    t = Trainer.resume(tmp_path / "part", epochs=3, quiet=True)      # from an epoch's end
     assert isinstance(t.model, FastHierarchicalVAE) and t.engine == "fast"
+    original, calls = t._step, []
+
+    def step_then_interrupt(*args, **kwargs):   # as Ctrl-C does, in the middle of the third epoch
+        calls.append(1)
+        if len(calls) == 6:
+            t._on_sigint(signal.SIGINT, None)
+        return original(*args, **kwargs)
+    step_then_interrupt.session, step_then_interrupt.close = original.session, original.close
+    t._step = step_then_interrupt
+    assert t.run() == "interrupted"
+    assert int(ckpt.read_state(tmp_path / "part" / ckpt.LATEST)["step"]) == 2
+    t = Trainer.resume(tmp_path / "part", quiet=True)                 # from the middle of one
     t.run()
     a, b = params_of(tmp_path / "full"), params_of(tmp_path / "part")
     assert a.keys() == b.keys()
