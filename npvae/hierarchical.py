@@ -49,7 +49,7 @@ from . import distributions as dist
 from .layers import MLP, check_activation
 from .model import LIKELIHOODS, VAE, _all_samples, _check_dtype, _check_positive_int, _per_sample
 
-BURDA_LAYERS = (((200, 200), 100), ((100, 100), 50))   # Burda et al. (2015): 784-200-200-100-100-100-50
+BURDA_LAYERS = (((200, 200), 100), ((100, 100), 50))   # Burda et al. (2015): 784-200-200-[100]-100-100-[50]
 
 
 def check_layers(layers):
