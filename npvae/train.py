@@ -299,7 +299,7 @@ class Trainer:
                                np.dtype(config.dtype))
         if config.layers is not None:
             # A HierarchicalVAE runs in reference_step's loop on one thread, on either engine: "fast"
-            # gives it the engine's layers, Bernoulli kernel and FlatAdam (12% faster at k = 5, the
+            # gives it the engine's layers, Bernoulli kernel and FlatAdam (7% faster at k = 5, the
             # same numbers). One core runs an epoch of MNIST in 2.5 s (k = 1), 6 s (k = 5): enough
             # for the budgets (docs/results.md, "Two stochastic layers: the plan").
             from .engine.hierarchical import FastHierarchicalVAE
