@@ -19,6 +19,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as datasets
+from . import inference as inference_lib
 from .engine import parallel
 from .engine.binarize import make_prepare, prepare_batch
 from .engine.model import FastVAE
@@ -63,6 +64,10 @@ class TrainConfig:
     init_bias: bool = True            # decoder output bias from the training data's mean
     seed: int = 0
     dtype: str = "float32"
+    inference: str = "amortized"      # amortized | per-datapoint | semi-amortized (npvae.inference)
+    inner_steps: int | None = None    # the inner loop's steps per visit (None: the method's default;
+    inner_lr: float | None = None     # amortized takes none of these three)
+    inner_optimizer: str | None = None   # adam | sgd
 
     def validate(self):
         """Raise ValueError/TypeError naming the first impossible setting."""
@@ -100,7 +105,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        return self
+        return inference_lib.validate_config(self)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -262,8 +267,12 @@ class Trainer:
     """
 
     def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto",
-                 engine="fast"):
+                 engine=None):
         self.config = config.validate()
+        amortized = config.inference == "amortized"
+        engine = ("fast" if amortized else "reference") if engine is None else engine
+        if not amortized and engine != "reference":
+            raise ValueError(f"inference {config.inference!r} runs on engine 'reference' only, got engine {engine!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.engine = engine
@@ -306,6 +315,12 @@ class Trainer:
                                    self.threads, self.backend)
         else:
             self._step = reference_step(self.model, self.optimizer, prepare, config.objective, config.k)
+        self.inference = None   # amortized: the encoder is the inference
+        if not amortized:
+            self.inference = inference_lib.Inference(config, self.model, self.x_train.shape[0],
+                                                     self.x_valid.shape[0])
+            self.optimizer = Adam(self.inference.trained_params(self.model), lr=config.lr)
+            self._step = self.inference.make_step(self.model, self.optimizer, prepare)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -330,6 +345,8 @@ class Trainer:
         extra = {}
         if self.perm is not None:
             extra = {"perm": self.perm, "sums": self.sums}
+        if self.inference is not None:
+            extra.update(self.inference.state_dict())   # the phi tables of a per-datapoint run
         ckpt.save_state(path, self.model, self.optimizer, self.rng, self.epoch, self.step,
                         self.history, extra)
 
@@ -363,6 +380,8 @@ class Trainer:
         trainer.history = {k: history.get(k, []) for k in HISTORY_KEYS}
         if "extra/perm" in state:
             trainer.perm, trainer.sums = state["extra/perm"], state["extra/sums"].astype(np.float64)
+        if trainer.inference is not None:
+            trainer.inference.load_state_dict(state, path)
         return trainer
 
     # --- training -----------------------------------------------------------------------
@@ -450,7 +469,9 @@ class Trainer:
     def _end_epoch(self, seconds, rate, beta):
         c = self.config
         recon, kl = self.sums[0] / self.sums[2], self.sums[1] / self.sums[2]
-        valid = elbo_stats(self.model, self.valid, np.random.default_rng([c.seed, 3]))
+        rng = np.random.default_rng([c.seed, 3])
+        valid = (elbo_stats(self.model, self.valid, rng) if self.inference is None
+                 else self.inference.valid_stats(self.model, self.valid, rng))   # with the run's own inference
         row = dict(epoch=self.epoch + 1, lr=self.optimizer.lr, beta=beta, train_elbo=recon - kl,
                    train_recon=recon, train_kl=kl, valid_elbo=valid["elbo"], valid_recon=valid["recon"],
                    valid_kl=valid["kl"], seconds=seconds, examples_per_s=rate)
