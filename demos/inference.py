@@ -40,11 +40,11 @@ from npvae.train import TrainConfig, Trainer, test_set
 
 DATASET, FALLBACK = "mnist", "shapes"
 HIDDEN, Z_DIM, ACTIVATION = (200, 200), 50, "tanh"      # Burda et al.'s one-layer model
-BATCH, LR, N_VALID = 100, 1e-3, 1000
+BATCH, LR, N_VALID, QUICK_N_VALID = 100, 1e-3, 1000, 100
 INNER_STEPS = 5                                         # and the learning rates of inference.DEFAULTS
 INNER_LR = {"per-datapoint": 0.2, "semi-amortized": 0.05}
 METHODS = ("amortized", "per-datapoint", "semi-amortized")
-BUDGET, QUICK_BUDGET = 200.0, 1.5                       # training seconds per method
+BUDGET, QUICK_BUDGET = 200.0, 0.6                       # training seconds per method
 QUICK_N_TRAIN = 1000
 N_TEST, QUICK_N_TEST = 300, 40          # test images for the final figures (every 33rd: all digits)
 K_FINAL, QUICK_K_FINAL = 5000, 50
@@ -113,7 +113,8 @@ def main():
     for m in METHODS:
         inner = {} if m == "amortized" else dict(inner_steps=INNER_STEPS, inner_lr=INNER_LR[m])
         config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=10 ** 6, batch_size=BATCH,
-                             hidden=HIDDEN, z_dim=Z_DIM, activation=ACTIVATION, lr=LR, n_valid=N_VALID,
+                             hidden=HIDDEN, z_dim=Z_DIM, activation=ACTIVATION, lr=LR,
+                             n_valid=QUICK_N_VALID if q_ else N_VALID,
                              n_train=QUICK_N_TRAIN if q_ else None, seed=SEED, inference=m, **inner)
         # the reference engine for all three, so that the clock compares algorithms, not code
         trainers[m] = Trainer(config, args.out / "runs" / m, quiet=True, engine="reference")
@@ -186,7 +187,8 @@ def main():
 
     # --- a Z = 2 model: the encoder's q, the refined q and the exact posterior ---------------------------
     config = TrainConfig(dataset=dataset, data_dir=args.data_dir, epochs=QUICK_Z2_EPOCHS if q_ else Z2_EPOCHS,
-                         batch_size=BATCH, hidden=Z2_HIDDEN, z_dim=2, activation=ACTIVATION, lr=LR, n_valid=N_VALID,
+                         batch_size=BATCH, hidden=Z2_HIDDEN, z_dim=2, activation=ACTIVATION, lr=LR,
+                         n_valid=QUICK_N_VALID if q_ else N_VALID,
                          n_train=QUICK_Z2_N_TRAIN if q_ else Z2_N_TRAIN, seed=SEED, inference="semi-amortized",
                          inner_steps=INNER_STEPS, inner_lr=INNER_LR["semi-amortized"])
     z2 = Trainer(config, args.out / "runs" / "z2", quiet=True)

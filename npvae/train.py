@@ -255,7 +255,11 @@ class Trainer:
     engine: "fast" (npvae.engine: FastVAE, FlatAdam and make_step's split
     step) or "reference" (npvae.model.VAE and npvae.optim.Adam in the loop
     of reference_step, on one Python thread). Both write the same kind of
-    run directory, and in float64 the same numbers to rounding.
+    run directory, and in float64 the same numbers to rounding. None: "fast"
+    for config.inference "amortized"; the per-datapoint and semi-amortized
+    inner loops (npvae.inference) run on "reference" only (measured fast
+    enough for demos/inference.py: an inner step of 784-200-200-50 costs
+    half a full reference step).
 
     threads (the fast engine only): how many threads or processes share each
     minibatch (npvae.engine.parallel); "auto" is 2 where NumPy's OpenBLAS
