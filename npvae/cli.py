@@ -43,6 +43,7 @@ def _number(convert, ok, expected):
 
 
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive finite number")
 nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a non-negative finite number")
 
@@ -134,7 +135,8 @@ def cmd_train(args):
         fields = {f: getattr(args, f) for f in (
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
             "x_sigma", "lr", "lr_schedule", "lr_final", "warmup", "beta", "objective", "k", "binarize",
-            "threshold", "n_valid", "n_train", "patience", "seed", "dtype") if getattr(args, f) is not None}
+            "threshold", "n_valid", "n_train", "patience", "seed", "dtype", "inference", "inner_steps",
+            "inner_lr", "inner_optimizer") if getattr(args, f) is not None}
         if args.layers is not None:
             if args.hidden is not None or args.z_dim is not None:
                 raise UsageError("--layers sets every layer's hidden widths and latent size; "
@@ -151,7 +153,7 @@ def cmd_train(args):
             raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} "
                              f"or choose another directory")
         trainer = Trainer(config, out, quiet=args.quiet, threads=args.threads, backend=args.backend,
-                          engine=args.engine or "fast")
+                          engine=args.engine)   # None: fast for amortized inference, else reference
         trainer.log(f"training on {trainer.data.name}: {trainer.x_train.shape[0]} train, "
                     f"{trainer.x_valid.shape[0]} valid; model {_architecture(trainer.model)} "
                     f"{trainer.model.activation}, {trainer.model.likelihood}; {config.epochs} epochs; "
@@ -246,9 +248,12 @@ def cmd_eval(args):
     from .engine.evaluate import log_likelihood
     model, run_config = _load_run(args.run, args.which)
     from .train import TrainConfig, test_set
-    x = test_set(TrainConfig.from_dict(run_config["train"]), model, args.data_dir, args.seed)
+    config = TrainConfig.from_dict(run_config["train"])
+    x = test_set(config, model, args.data_dir, args.seed)
     if args.n is not None:
         x = x[:args.n]
+    if config.inference != "amortized":
+        return _eval_inference(args, model, config, x)
     result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
     if hasattr(model, "layers"):   # a HierarchicalVAE: per layer, bottom first
         from .hierarchical import active_units
@@ -291,6 +296,63 @@ def cmd_eval(args):
         print(f"on {a['n']} examples: encoder ELBO {a['elbo_encoder']:.3f}, optimized ELBO "
               f"{a['elbo_optimized']:.3f}, log p(x) {a['log_px']:.3f}; amortization gap "
               f"{a['amortization_gap']:.3f}, approximation gap {a['approximation_gap']:.3f} nats")
+    return 0
+
+
+def _eval_inference(args, model, config, x):
+    """cmd_eval for a per-datapoint or semi-amortized run: every figure at the run's own q (npvae.inference.fit_q)."""
+    import time
+
+    import numpy as np
+
+    from . import checkpoint as ckpt
+    from . import inference
+    from .engine.evaluate import log_likelihood
+    state = ckpt.read_state(Path(args.run) / (ckpt.BEST if args.which == "best" else ckpt.LATEST))
+    passes = max(1, int(state["epoch"]))   # per-datapoint: as many visits as a training example had
+    t = time.perf_counter()
+    q = inference.fit_q(model, x, config.inference, config.inner_steps, config.inner_lr,
+                        np.random.default_rng([args.seed, 8]), config.inner_optimizer, passes)
+    result = inference.elbo_stats_at(model, x, q, np.random.default_rng([args.seed, 5]))
+    result.update(inference=config.inference, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                  inner_optimizer=config.inner_optimizer, z_dim=model.z_dim, fit_seconds=time.perf_counter() - t)
+    if config.inference == "per-datapoint":
+        result["passes"] = passes
+    if args.k is not None:
+        t = time.perf_counter()
+        log_px = log_likelihood(model, x, k=args.k, rng=np.random.default_rng([args.seed, 6]), q=q,
+                                progress=None if args.quiet else RateProgress(f"log p(x), K={args.k}"),
+                                threads=args.threads)
+        result.update(log_likelihood=float(np.mean(log_px)), log_likelihood_sem=float(np.std(log_px) / np.sqrt(len(log_px))),
+                      k=args.k, log_likelihood_seconds=time.perf_counter() - t)
+    if args.amortization is not None:
+        t = time.perf_counter()
+        n = min(args.amortization, len(x))
+        gap = inference.amortization_gap(model, x[:n], (q[0][:n], q[1][:n]), np.random.default_rng([args.seed, 7]),
+                                         n_eval=args.k or 5000)
+        result["amortization"] = {"elbo_own": float(gap["elbo_own"].mean()), "elbo_optimized": float(
+            gap["elbo_optimized"].mean()), "amortization_gap": float(gap["gap"].mean()), "n": n}
+        if config.inference == "semi-amortized":   # the encoder's q alone, before the refinement
+            enc = inference.amortization_gap(model, x[:n], model.encode(x[:n]), np.random.default_rng([args.seed, 7]),
+                                             n_eval=args.k or 5000)
+            result["amortization"]["encoder_gap"] = float(enc["gap"].mean())
+        result["amortization"]["seconds"] = time.perf_counter() - t
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    how = {"per-datapoint": f"q fitted from the prior, {passes} x {config.inner_steps} {config.inner_optimizer} steps",
+           "semi-amortized": f"the encoder's q + {config.inner_steps} {config.inner_optimizer} steps"}[config.inference]
+    print(f"inference {config.inference} ({how}, lr {config.inner_lr:g}, theta fixed; {result['fit_seconds']:.1f} s)")
+    print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
+          f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+    if "log_likelihood" in result:
+        print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
+              f"(importance sampling from the run's own q, K = {args.k}, {result['log_likelihood_seconds']:.1f} s)")
+    if "amortization" in result:
+        a = result["amortization"]
+        print(f"on {a['n']} examples: own-q ELBO {a['elbo_own']:.3f}, optimized ELBO {a['elbo_optimized']:.3f}; "
+              f"amortization gap (optimized - own) {a['amortization_gap']:.3f} nats"
+              + (f"; the encoder's alone {a['encoder_gap']:.3f}" if "encoder_gap" in a else ""))
     return 0
 
 
@@ -374,6 +436,13 @@ def build_parser():
     p.add_argument("--n-train", type=positive_int, help="use only the first N training examples")
     p.add_argument("--patience", type=positive_int, help="early stopping: epochs without improvement")
     p.add_argument("--no-init-bias", action="store_true", help="do not start the decoder at the data mean")
+    p.add_argument("--inference", choices=("amortized", "per-datapoint", "semi-amortized"),
+                   help="where q(z|x) comes from (npvae.inference): the encoder (default), a table of q per "
+                        "training example refined by an inner loop, or the encoder's q refined by one")
+    p.add_argument("--inner-steps", type=nonnegative_int,
+                   help="inner-loop steps per minibatch visit (default 5; semi-amortized allows 0)")
+    p.add_argument("--inner-lr", type=positive_float, help="the inner loop's learning rate (default 0.2 per-datapoint, 0.05 semi-amortized)")
+    p.add_argument("--inner-optimizer", choices=("adam", "sgd"), help="the inner loop's optimizer (default adam)")
     p.add_argument("--engine", choices=ENGINES,
                    help="fast (the default: npvae.engine, a minibatch shared by threads or processes) or "
                         "reference (npvae.model and npvae.optim in the textbook loop, one Python thread); "
@@ -406,8 +475,9 @@ def build_parser():
         if name == "eval":
             p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
             p.add_argument("--n", type=positive_int, help="evaluate only the first N test examples")
-            p.add_argument("--k", type=positive_int,
-                           help="also estimate log p(x) by importance sampling with K samples (e.g. 5000)")
+            p.add_argument("--k", type=positive_int, nargs="?", const=5000,
+                           help="also estimate log p(x) by importance sampling with K samples (--k alone: 5000); "
+                                "the proposal is the run's own q")
             p.add_argument("--amortization", type=positive_int, metavar="N",
                            help="also the amortization and approximation gaps on the first N examples")
             p.add_argument("--threads", type=_threads, default="auto",

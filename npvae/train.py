@@ -19,6 +19,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as datasets
+from . import inference as inference_lib
 from .engine import parallel
 from .engine.binarize import make_prepare, prepare_batch
 from .engine.model import FastVAE
@@ -64,6 +65,10 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     layers: list | None = None        # [[hidden widths, z_dim], ...]: a HierarchicalVAE (hidden, z_dim unused)
+    inference: str = "amortized"      # amortized | per-datapoint | semi-amortized (npvae.inference)
+    inner_steps: int | None = None    # the inner loop's steps per visit (None: the method's default;
+    inner_lr: float | None = None     # amortized takes none of these three)
+    inner_optimizer: str | None = None   # adam | sgd
 
     def validate(self):
         """Raise ValueError/TypeError naming the first impossible setting."""
@@ -104,7 +109,10 @@ class TrainConfig:
         if self.layers is not None:
             from .hierarchical import check_layers
             self.layers = [[list(h), z] for h, z in check_layers(self.layers)]
-        return self
+            if self.inference != "amortized":
+                raise ValueError(f"inference={self.inference!r} is for a one-layer VAE; "
+                                 "a HierarchicalVAE (layers=...) learns with its encoders (inference='amortized')")
+        return inference_lib.validate_config(self)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -254,7 +262,11 @@ class Trainer:
     engine: "fast" (npvae.engine: FastVAE, FlatAdam and make_step's split
     step) or "reference" (npvae.model.VAE and npvae.optim.Adam in the loop
     of reference_step, on one Python thread). Both write the same kind of
-    run directory, and in float64 the same numbers to rounding.
+    run directory, and in float64 the same numbers to rounding. None: "fast"
+    for config.inference "amortized"; the per-datapoint and semi-amortized
+    inner loops (npvae.inference) run on "reference" only (measured fast
+    enough for demos/inference.py: an inner step of 784-200-200-50 costs
+    half a full reference step).
 
     threads (the fast engine only): how many threads or processes share each
     minibatch (npvae.engine.parallel); "auto" is 2 where NumPy's OpenBLAS
@@ -266,8 +278,12 @@ class Trainer:
     """
 
     def __init__(self, config, out, quiet=False, stream=sys.stdout, threads="auto", backend="auto",
-                 engine="fast"):
+                 engine=None):
         self.config = config.validate()
+        amortized = config.inference == "amortized"
+        engine = ("fast" if amortized else "reference") if engine is None else engine
+        if not amortized and engine != "reference":
+            raise ValueError(f"inference {config.inference!r} runs on engine 'reference' only, got engine {engine!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.engine = engine
@@ -326,6 +342,12 @@ class Trainer:
                                    self.threads, self.backend)
         else:
             self._step = reference_step(self.model, self.optimizer, prepare, config.objective, config.k)
+        self.inference = None   # amortized: the encoder is the inference
+        if not amortized:
+            self.inference = inference_lib.Inference(config, self.model, self.x_train.shape[0],
+                                                     self.x_valid.shape[0])
+            self.optimizer = Adam(self.inference.trained_params(self.model), lr=config.lr)
+            self._step = self.inference.make_step(self.model, self.optimizer, prepare)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
@@ -350,6 +372,8 @@ class Trainer:
         extra = {}
         if self.perm is not None:
             extra = {"perm": self.perm, "sums": self.sums}
+        if self.inference is not None:
+            extra.update(self.inference.state_dict())   # the phi tables of a per-datapoint run
         ckpt.save_state(path, self.model, self.optimizer, self.rng, self.epoch, self.step,
                         self.history, extra)
 
@@ -383,6 +407,8 @@ class Trainer:
         trainer.history = {k: history.get(k, []) for k in HISTORY_KEYS}
         if "extra/perm" in state:
             trainer.perm, trainer.sums = state["extra/perm"], state["extra/sums"].astype(np.float64)
+        if trainer.inference is not None:
+            trainer.inference.load_state_dict(state, path)
         return trainer
 
     # --- training -----------------------------------------------------------------------
@@ -470,7 +496,9 @@ class Trainer:
     def _end_epoch(self, seconds, rate, beta):
         c = self.config
         recon, kl = self.sums[0] / self.sums[2], self.sums[1] / self.sums[2]
-        valid = elbo_stats(self.model, self.valid, np.random.default_rng([c.seed, 3]))
+        rng = np.random.default_rng([c.seed, 3])
+        valid = (elbo_stats(self.model, self.valid, rng) if self.inference is None
+                 else self.inference.valid_stats(self.model, self.valid, rng))   # with the run's own inference
         row = dict(epoch=self.epoch + 1, lr=self.optimizer.lr, beta=beta, train_elbo=recon - kl,
                    train_recon=recon, train_kl=kl, valid_elbo=valid["elbo"], valid_recon=valid["recon"],
                    valid_kl=valid["kl"], seconds=seconds, examples_per_s=rate)

@@ -24,6 +24,7 @@ DEMOS = {
     "kl_directions": ["kl_directions.png"],
     "estimators": ["estimators.png"],
     "amortization": ["amortization.png"],
+    "inference": ["inference.png", "inference_posterior.png"],
     "shallow_vs_deep": ["shallow_vs_deep.png"],
     "reproduce_iwae": ["stages.png"],   # and its numbers: see test_reproduce_iwae_logs_stages_and_matches_eval
     "tutorial": ["1_data.png", "2_density.png", "3_estimators.png", "6_loss.png", "6_samples.png",
