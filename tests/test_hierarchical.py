@@ -251,3 +251,11 @@ def test_cli_train_eval_with_layers_and_its_errors(tmp_path, capsys):
             main(["train", "--layers", bad])
         assert e.value.code == 2
         assert "expected a layer like 200,200:100" in capsys.readouterr().err
+
+
+def test_a_hierarchical_config_refuses_the_inner_loop_methods_in_one_line():
+    from npvae.train import TrainConfig
+    config = TrainConfig(dataset="shapes", layers=[[[16], 4], [[8], 2]], inference="semi-amortized")
+    with pytest.raises(ValueError, match="one-layer VAE") as caught:
+        config.validate()
+    assert "\n" not in str(caught.value)
