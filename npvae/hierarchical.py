@@ -46,8 +46,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import distributions as dist
-from .layers import MLP, check_activation
-from .model import LIKELIHOODS, VAE, _all_samples, _check_dtype, _check_positive_int, _per_sample
+from .layers import MLP
+from .model import VAE, _all_samples, _check_positive_int, _per_sample
 
 BURDA_LAYERS = (((200, 200), 100), ((100, 100), 50))   # Burda et al. (2015): 784-200-200-[100]-100-100-[50]
 
@@ -92,20 +92,7 @@ class HierarchicalVAE(VAE):
         self.z_dim = sum(self.z_dims)
         # every hidden width, so that evaluate.chunk_sizes sizes its passes by the widest layer
         self.hidden = tuple(h for hidden, _ in self.layers for h in hidden)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
-        self.likelihood = likelihood
-        self.activation = check_activation(activation)
-        self.dtype = _check_dtype(dtype)
-        if x_sigma is not None:
-            if likelihood != "gaussian":
-                raise ValueError("x_sigma applies only to likelihood='gaussian'")
-            if not np.isfinite(x_sigma) or x_sigma <= 0:
-                raise ValueError(f"x_sigma must be a positive finite number or None, got {x_sigma!r}")
-            x_sigma = float(x_sigma)
-        self.x_sigma = x_sigma
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self._set_settings(likelihood, activation, dtype, seed, x_sigma)
         self._build()
 
     # --- construction ----------------------------------------------------------

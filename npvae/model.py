@@ -64,6 +64,11 @@ class VAE:
         if isinstance(hidden, (int, np.integer)):
             hidden = (hidden,)
         self.hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        self._set_settings(likelihood, activation, dtype, seed, x_sigma)
+        self._build()
+
+    def _set_settings(self, likelihood, activation, dtype, seed, x_sigma):
+        """Check and keep the constructor's arguments other than the sizes (shared with HierarchicalVAE)."""
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
         self.likelihood = likelihood
@@ -78,7 +83,6 @@ class VAE:
         self.x_sigma = x_sigma
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._build()
 
     # --- construction ----------------------------------------------------------
 
