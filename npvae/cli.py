@@ -2,8 +2,11 @@
 
 Exit codes: 0 success; 1 a gradient check failed, training stopped on a
 non-finite value, or a finished run's figures could not be written; 2 bad
-usage or bad input (one line on stderr, no traceback); 130 interrupted by
-Ctrl-C (after saving a checkpoint).
+usage or bad input (one line on stderr, no traceback); and for `npvae train`
+stopped by a signal after finishing its step and saving a checkpoint: 130 for
+SIGINT (Ctrl-C), 143 for SIGTERM (128 + 15, as a shell reports it), 75 for
+SIGUSR1 (EX_TEMPFAIL, "try again": a fixed number, since SIGUSR1 is 10 on Linux
+and 30 on macOS; a batch script requeues on 75 and resumes with --resume).
 """
 import argparse
 import json
@@ -164,7 +167,7 @@ def cmd_train(args):
         print(f"npvae train: error: {e}", file=sys.stderr)
         return 1
     if status == "interrupted":
-        return 130
+        return INTERRUPTED_STATUS.get(signal_name(trainer.signal), 130)
 
     def say(*lines):
         if not args.quiet:
@@ -187,6 +190,15 @@ def cmd_train(args):
             say("figures of best.npz (the best validation ELBO):", *(f"  {p}" for p in paths))
     say(*_next_commands(run, image_shape, builtin, plotted=not args.no_plots))
     return code
+
+
+INTERRUPTED_STATUS = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 75}   # the module docstring says why
+
+
+def signal_name(signum):
+    """'SIGTERM' for signal.SIGTERM; 'SIGINT' for None (an interrupt not from a signal)."""
+    import signal
+    return "SIGINT" if signum is None else signal.Signals(signum).name
 
 
 def _architecture(model):

@@ -128,6 +128,12 @@ class TrainConfig:
         return cls(**d)
 
 
+# The signals that make run() finish its step, save the checkpoint and return "interrupted":
+# Ctrl-C, what kill/docker stop/systemd/batch schedulers send before SIGKILL, and the one batch
+# schedulers are told to send ahead of a time limit (SLURM --signal=USR1@60). Windows has no SIGUSR1.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the last good checkpoint is kept."""
 
@@ -357,6 +363,7 @@ class Trainer:
         self.history = {k: [] for k in HISTORY_KEYS}
         self.perm, self.sums = None, np.zeros(3)  # an interrupted epoch's order and running sums
         self._interrupted = False
+        self.signal = None   # the signal that interrupted run(), if one did (SIGINT when _on_sigint is called directly)
 
     # --- run directory --------------------------------------------------------------
 
@@ -419,8 +426,10 @@ class Trainer:
 
     def _on_sigint(self, signum, frame):
         # Finish the current step, then save: a half-applied Adam step would
-        # make the checkpoint match no real point of the run.
+        # make the checkpoint match no real point of the run. The handler only
+        # sets flags, so a second signal during the save cannot cut it short.
         self._interrupted = True
+        self.signal = signum if self.signal is None else self.signal   # the first one decides the status
 
     def run(self, until=None):
         """Train until config.epochs (or early stopping); returns 'done', 'stopped early' or 'interrupted'.
@@ -432,11 +441,13 @@ class Trainer:
         last = c.epochs if until is None else min(int(until), c.epochs)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(self.out / ckpt.CONFIG, self.run_config())
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {}
         try:
-            signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: Ctrl-C handling stays as it was
-            previous = None
+            for s in STOP_SIGNALS:
+                previous[s] = signal.getsignal(s)
+                signal.signal(s, self._on_sigint)
+        except ValueError:  # not the main thread: signal handling stays as it was
+            previous = {}
         try:   # the step's helpers end with the run: a forked helper holds what it shares with us
             while self.epoch < last:
                 if self._stop_early():
@@ -444,14 +455,15 @@ class Trainer:
                     return "stopped early"
                 if not self._train_epoch():
                     self.save(self.out / ckpt.LATEST)
-                    self.log(f"interrupted in epoch {self.epoch + 1} at step {self.step}; saved "
+                    by = "" if self.signal is None else f" by {signal.Signals(self.signal).name}"
+                    self.log(f"interrupted{by} in epoch {self.epoch + 1} at step {self.step}; saved "
                              f"{self.out / ckpt.LATEST}; continue with: npvae train --resume {self.out}")
                     return "interrupted"
             return "done"
         finally:
             self._step.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _stop_early(self):
         v = self.history["valid_elbo"]

@@ -327,7 +327,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+STOPS = [("SIGINT", 130), ("SIGTERM", 143)] + ([("SIGUSR1", 75)] if hasattr(signal, "SIGUSR1") else [])
+
+
+@pytest.mark.parametrize("name, status", STOPS)
+def test_a_stop_signal_saves_a_checkpoint_and_exits_with_its_status(tmp_path, name, status):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "npvae", "train", "--epochs", "1000", "--hidden", "32",
                           "--z-dim", "3", "--n-train", "2000", "--n-valid", "100", "--out", str(run)],
@@ -335,12 +339,29 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 60
     while not (run / "checkpoint.npz").exists() and time.time() < deadline:
         time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
+    time.sleep(0.3)   # into an epoch, past the first checkpoint's write
+    p.send_signal(getattr(signal, name))
+    p.send_signal(getattr(signal, name))   # a second one, while the first is being handled, changes nothing
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err and "--resume" in out
-    state = ckpt.read_state(run / "checkpoint.npz")
+    assert p.returncode == status, err
+    assert "Traceback" not in err and "Traceback" not in out
+    said = [line for line in out.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and f"by {name}" in said[0] and str(run / "checkpoint.npz") in said[0]
+    state = ckpt.read_state(run / "checkpoint.npz")   # whole: read_state refuses a damaged file
     assert int(state["epoch"]) >= 1
+    resumed = subprocess.run([sys.executable, "-m", "npvae", "train", "--resume", str(run), "--epochs",
+                              str(int(state["epoch"]) + 1), "--quiet", "--no-plots"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_the_stop_signals_are_what_the_cli_documents():
+    from npvae import cli
+    from npvae.train import STOP_SIGNALS
+    assert {cli.signal_name(s) for s in STOP_SIGNALS} <= set(cli.INTERRUPTED_STATUS)
+    assert cli.signal_name(None) == "SIGINT"
+    for name, status in cli.INTERRUPTED_STATUS.items():
+        assert f"{status} for {name}" in cli.__doc__.replace("\n", " ")
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
