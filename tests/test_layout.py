@@ -11,7 +11,7 @@ import npvae
 from npvae.optim import Adam
 
 PACKAGE = Path(npvae.__file__).parent
-REFERENCE = ("layers", "distributions", "model", "optim", "evaluate", "data")
+REFERENCE = ("layers", "distributions", "model", "hierarchical", "inference", "optim", "evaluate", "data")
 
 
 def imported_modules(path):
@@ -41,7 +41,7 @@ def test_no_reference_file_imports_the_engine_or_what_exists_for_speed(name):
 
 
 def test_importing_the_reference_loads_no_engine_module():
-    code = ("import sys; import npvae, npvae.model, npvae.optim, npvae.evaluate, npvae.data, npvae.layers; "
+    code = ("import sys; import npvae, npvae.model, npvae.hierarchical, npvae.inference, npvae.optim, npvae.evaluate, npvae.data, npvae.layers; "
             "print([m for m in sys.modules if m.startswith('npvae.engine')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
