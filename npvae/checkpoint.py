@@ -14,7 +14,9 @@ make npvae run code.
 import json
 import os
 import tempfile
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +109,10 @@ def read_state(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             state = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    # a flipped byte can reach zipfile as a bad offset (BadZipFile, EOFError, struct.error), an
+    # unknown compression method (NotImplementedError) or the encryption flag (RuntimeError)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, NotImplementedError, RuntimeError,
+            struct.error, zlib.error) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     for key in ("format_version", "model_config", "epoch", "step"):
         if key not in state:
@@ -116,6 +121,22 @@ def read_state(path):
         raise CheckpointError(f"checkpoint {path} has format version {int(state['format_version'])}, "
                               f"expected {FORMAT_VERSION}")
     return state
+
+
+def read_run_state(run, name, hint):
+    """read_state(run/name); when that file is damaged and the run's other checkpoint is whole, the
+    one-line error says so, with hint ("... {other} ... {epoch} ...") telling how to use the other."""
+    run = Path(run)
+    try:
+        return read_state(run / name)
+    except CheckpointError as e:
+        other = run / (BEST if name == LATEST else LATEST)
+        try:
+            epoch = int(read_state(other)["epoch"])
+        except (CheckpointError, FileNotFoundError):
+            raise e from None
+        raise CheckpointError(f"{e}; {other} is whole (epoch {epoch}): "
+                              + hint.format(other=other, epoch=epoch)) from None
 
 
 def model_config_of(state, path=""):
@@ -179,7 +200,8 @@ def load(run, which="best"):
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
     path = run / (BEST if which == "best" else LATEST)
-    state = read_state(path)
+    state = read_run_state(run, path.name, "load it with which='" + ("latest" if which == "best" else "best")
+                           + "' (npvae eval --which " + ("latest" if which == "best" else "best") + ")")
     config = model_config_of(state, path)
     if "layers" in config:   # written by npvae.hierarchical.HierarchicalVAE.config
         from .hierarchical import HierarchicalVAE

@@ -403,7 +403,8 @@ class Trainer:
             config.epochs = epochs
         if data_dir is not None:
             config.data_dir = str(data_dir)
-        state = ckpt.read_state(run / ckpt.LATEST)
+        state = ckpt.read_run_state(run, ckpt.LATEST, "copy it to {other.parent}/" + ckpt.LATEST
+                                    + " to resume from the end of epoch {epoch}")
         trainer = cls(config, run, quiet=quiet, stream=stream, threads=threads, backend=backend, engine=engine)
         path = run / ckpt.LATEST
         ckpt.restore_params(trainer.model, state, path)
