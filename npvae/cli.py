@@ -273,7 +273,9 @@ def cmd_eval(args):
         result["z_dims"] = list(model.z_dims)
         if args.amortization is not None:
             raise UsageError("--amortization is for a one-layer VAE; this run has several stochastic layers")
-    result["active_units"], _ = evaluate.active_units(model, x)   # of z_1 alone for a HierarchicalVAE
+        result["active_units"] = result["active_units_per_layer"][0]   # z_1's, as evaluate.active_units counts them
+    else:
+        result["active_units"], _ = evaluate.active_units(model, x)
     result["z_dim"] = model.z_dim
     if args.k is not None:
         t = time.perf_counter()
@@ -293,22 +295,30 @@ def cmd_eval(args):
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
-          f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+    _print_elbo(result)
     if "active_units_per_layer" in result:
         print("active units per layer: " + " + ".join(f"{n} of {z}" for n, z in zip(
             result["active_units_per_layer"], result["z_dims"])) + " (Var_x E_q[z_j|x] > 0.01)")
     else:
         print(f"active units: {result['active_units']} of {model.z_dim} (Var_x E_q[z_j|x] > 0.01)")
-    if "log_likelihood" in result:
-        print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
-              f"(importance sampling, K = {args.k}, {result['log_likelihood_seconds']:.1f} s)")
+    _print_log_likelihood(result, "importance sampling")
     if "amortization" in result:
         a = result["amortization"]
         print(f"on {a['n']} examples: encoder ELBO {a['elbo_encoder']:.3f}, optimized ELBO "
               f"{a['elbo_optimized']:.3f}, log p(x) {a['log_px']:.3f}; amortization gap "
               f"{a['amortization_gap']:.3f}, approximation gap {a['approximation_gap']:.3f} nats")
     return 0
+
+
+def _print_elbo(result):
+    print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
+          f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
+
+
+def _print_log_likelihood(result, how):
+    if "log_likelihood" in result:
+        print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
+              f"({how}, K = {result['k']}, {result['log_likelihood_seconds']:.1f} s)")
 
 
 def _eval_inference(args, model, config, x):
@@ -355,11 +365,8 @@ def _eval_inference(args, model, config, x):
     how = {"per-datapoint": f"q fitted from the prior, {passes} x {config.inner_steps} {config.inner_optimizer} steps",
            "semi-amortized": f"the encoder's q + {config.inner_steps} {config.inner_optimizer} steps"}[config.inference]
     print(f"inference {config.inference} ({how}, lr {config.inner_lr:g}, theta fixed; {result['fit_seconds']:.1f} s)")
-    print(f"test ELBO {result['elbo']:.3f} nats (reconstruction {result['recon']:.3f}, "
-          f"KL {result['kl']:.3f}) over {result['n']} examples, one sample each")
-    if "log_likelihood" in result:
-        print(f"log p(x) ~ {result['log_likelihood']:.3f} +- {result['log_likelihood_sem']:.3f} nats "
-              f"(importance sampling from the run's own q, K = {args.k}, {result['log_likelihood_seconds']:.1f} s)")
+    _print_elbo(result)
+    _print_log_likelihood(result, "importance sampling from the run's own q")
     if "amortization" in result:
         a = result["amortization"]
         print(f"on {a['n']} examples: own-q ELBO {a['elbo_own']:.3f}, optimized ELBO {a['elbo_optimized']:.3f}; "

@@ -44,6 +44,7 @@ Test data (per-datapoint) is scored by fitting its own phi with the same inner l
 Shapes: B batch, M training examples, D data, Z latent, S inner steps, n samples per step.
 Values are nats per example.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -219,8 +220,13 @@ def elbo_stats_at(model, x, q, rng, batch_size=EVAL_BATCH):
 
     Returns {"elbo", "recon", "kl", "n"} in nats per example.
     """
-    recon, kl = _elbo_sums(model, x, q, rng, batch_size) / x.shape[0]
-    return {"elbo": float(recon - kl), "recon": float(recon), "kl": float(kl), "n": int(x.shape[0])}
+    return _stats(_elbo_sums(model, x, q, rng, batch_size), x.shape[0])
+
+
+def _stats(sums, n):
+    """(sum of log p(x|z), sum of KL) over n examples -> {"elbo", "recon", "kl", "n"} per example."""
+    recon, kl = sums / n
+    return {"elbo": float(recon - kl), "recon": float(recon), "kl": float(kl), "n": int(n)}
 
 
 def _elbo_sums(model, x, q, rng, batch_size=EVAL_BATCH):
@@ -339,7 +345,7 @@ class Inference:
                 optimizer.step(grads)
             return sums[0], sums[1], g2
 
-        step.session = _nullcontext
+        step.session = contextlib.nullcontext   # NumPy's BLAS keeps its threads, as in train.reference_step
         step.close = lambda: None
         return step
 
@@ -360,15 +366,5 @@ class Inference:
         for s in batches(x.shape[0], EVAL_BATCH):
             q = self._refine(model, x[s], *model._encode(x[s]), rng)
             sums += _elbo_sums(model, x[s], q, rng, EVAL_BATCH)
-        recon, kl = sums / x.shape[0]
-        return {"elbo": float(recon - kl), "recon": float(recon), "kl": float(kl), "n": int(x.shape[0])}
+        return _stats(sums, x.shape[0])
 
-
-class _nullcontext:
-    """A context manager that does nothing (the inner loop keeps NumPy's BLAS threads as they are)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

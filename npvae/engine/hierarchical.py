@@ -12,9 +12,9 @@ import functools
 import numpy as np
 
 from .. import evaluate, hierarchical
-from . import kernels, parallel
+from . import parallel
 from .evaluate import _SharedProgress
-from .model import BoundDense, twin
+from .model import BoundDense, KernelLogPxZ, twin
 
 
 def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None, threads="auto"):
@@ -45,22 +45,13 @@ def _twin(model):
     return other
 
 
-class FastHierarchicalVAE(hierarchical.HierarchicalVAE):
+class FastHierarchicalVAE(KernelLogPxZ, hierarchical.HierarchicalVAE):
     """npvae.hierarchical.HierarchicalVAE with the engine's layers and Bernoulli kernel; the same numbers.
 
     Its Dense layers are engine.model.BoundDense (unbound: the bias gradient summed by BLAS,
-    kernels.column_sums) and a Bernoulli log p(x|z_1) is kernels.bernoulli_log_prob, as in
-    FastVAE. Everything else is the reference's: HierarchicalVAE.forward, backward,
+    kernels.column_sums) and a Bernoulli log p(x|z_1) is kernels.bernoulli_log_prob (KernelLogPxZ, as in
+    FastVAE). Everything else is the reference's: HierarchicalVAE.forward, backward,
     forward_iwae, backward_iwae (tests/test_hierarchical.py holds them equal).
     """
 
     dense_layer = BoundDense
-    _work = None
-
-    def log_px_z(self, x, out):
-        """HierarchicalVAE.log_px_z; a Bernoulli's by kernels.bernoulli_log_prob into a kept buffer."""
-        if self.likelihood != "bernoulli":
-            return super().log_px_z(x, out)
-        if self._work is None or self._work.size < out.size:
-            self._work = np.empty(out.size, dtype=self.dtype)
-        return kernels.bernoulli_log_prob(x, out, self._work)

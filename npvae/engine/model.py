@@ -75,7 +75,21 @@ class BoundDense(Dense):
         kernels.column_sums(da[:, cols], out=self.db[cols])
 
 
-class FastVAE(VAE):
+class KernelLogPxZ:
+    """log_px_z of the model class it is mixed into (VAE's, HierarchicalVAE's); a Bernoulli's by
+    kernels.bernoulli_log_prob, into a buffer (_work) kept from call to call."""
+
+    _work = None   # log_px_z's buffer for softplus(logits)
+
+    def log_px_z(self, x, out):
+        if self.likelihood != "bernoulli":
+            return super().log_px_z(x, out)
+        if self._work is None or self._work.size < out.size:
+            self._work = np.empty(out.size, dtype=self.dtype)
+        return kernels.bernoulli_log_prob(x, out, self._work)
+
+
+class FastVAE(KernelLogPxZ, VAE):
     """npvae.model.VAE for the engine (see the module's docstring); the same constructor, plus
     shared: keep the parameter and gradient buffers (and those of replicas) in memory that
     processes forked later also see (npvae.engine.parallel.Processes)."""
@@ -86,7 +100,6 @@ class FastVAE(VAE):
         self.shared = bool(shared)
         self._rows = None   # (x rows, z rows) of a SplitBatch this model is bound to (bind_rows)
         self._bound = None  # (batch, first, stop) of that binding
-        self._work = None   # log_px_z's buffer for softplus(logits)
         super().__init__(*args, **kwargs)
 
     @classmethod
@@ -130,14 +143,6 @@ class FastVAE(VAE):
             np.copyto(self._rows[1], z)
             z = self._rows[1]
         return super()._decode(z)
-
-    def log_px_z(self, x, out):
-        """VAE.log_px_z; a Bernoulli's by kernels.bernoulli_log_prob, into a buffer kept from call to call."""
-        if self.likelihood != "bernoulli":
-            return super().log_px_z(x, out)
-        if self._work is None or self._work.size < out.size:
-            self._work = np.empty(out.size, dtype=self.dtype)
-        return kernels.bernoulli_log_prob(x, out, self._work)
 
     # --- the ELBO ----------------------------------------------------------------------
 
