@@ -5,14 +5,20 @@ A run directory holds
     checkpoint.npz   the latest state: parameters, optimizer state, RNG state,
                      epoch and step, history (written every epoch, and on Ctrl-C)
     best.npz         the same, at the best validation ELBO so far
+    lock             who is training the run (see RunLock): one writer per run directory
 
 Every write goes to a temporary file in the same directory, is flushed and
 fsync'ed, then renamed over the old file, so a crash during a write leaves the
 previous checkpoint whole. Every read uses allow_pickle=False, so no file can
-make npvae run code.
+make npvae run code. A write that fails (a full disk, no permission, a
+read-only file system, the directory removed) raises WriteFailed, whose one
+line names the file and the run's last whole checkpoint.
 """
+import contextlib
+import errno
 import json
 import os
+import socket
 import tempfile
 import struct
 import zipfile
@@ -24,11 +30,25 @@ import numpy as np
 CONFIG = "config.json"
 LATEST = "checkpoint.npz"
 BEST = "best.npz"
+LOCK = "lock"
 FORMAT_VERSION = 1
+
+try:
+    import fcntl   # POSIX: Linux and macOS
+except ImportError:   # Windows: no lock (RunLock says so)
+    fcntl = None
 
 
 class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be used (missing, corrupt or mismatched)."""
+
+
+class WriteFailed(Exception):
+    """A file of a run could not be written; the message names it and the run's last whole checkpoint."""
+
+
+class RunInUse(Exception):
+    """Another process holds the run directory's lock."""
 
 
 def _fsync_dir(path):
@@ -44,18 +64,27 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _file_mode():
+    """The mode open() gives a new file: 0o666 less the umask (mkstemp's own 0o600 would hide runs from others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write):
     """Call write(file object) on a temporary file, then rename it to path once it is on disk."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):   # the directory may be gone: then so is tmp
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
@@ -137,6 +166,110 @@ def read_run_state(run, name, hint):
             raise e from None
         raise CheckpointError(f"{e}; {other} is whole (epoch {epoch}): "
                               + hint.format(other=other, epoch=epoch)) from None
+
+
+def last_whole_checkpoint(run):
+    """(path, epoch, step) of the run's newest checkpoint that reads back whole, or None."""
+    whole = []
+    for name in (LATEST, BEST):
+        try:
+            state = read_state(Path(run) / name)
+        except (CheckpointError, OSError):
+            continue
+        whole.append((int(state["epoch"]), int(state["step"]), Path(run) / name))
+    if not whole:
+        return None
+    epoch, step, path = max(whole, key=lambda w: w[:2])
+    return path, epoch, step
+
+
+def write_failed(path, error, run):
+    """The WriteFailed for an OSError met while writing path, a file of the run directory run."""
+    code = errno.errorcode.get(error.errno, "")
+    why = f"{error.strerror or error}" + (f" [{code}]" if code else "")
+    whole = last_whole_checkpoint(run)
+    if whole is not None:
+        where = (f"the last whole checkpoint is {whole[0]} (epoch {whole[1]}, step {whole[2]}); "
+                 f"continue with: npvae train --resume {run}")
+    elif Path(path) == Path(run):
+        where = "nothing was written"
+    elif not Path(run).is_dir():
+        where = f"no checkpoint is left: the run directory {run} is gone"
+    else:
+        where = f"no whole checkpoint of {run} has been written"
+    return WriteFailed(f"could not write {path}: {why}; {where}")
+
+
+_HELD_LOCKS = set()   # descriptors of the RunLocks this process holds
+
+
+def _close_held_locks():
+    # A forked helper gets copies of the descriptors. Closing the copy leaves the parent's lock as it
+    # is (an flock belongs to the open file, and the parent still has it open), and means a helper
+    # that outlives a killed parent for a moment cannot keep the run locked.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
+class RunLock:
+    """One writer per run directory: an exclusive flock on run/lock while a Trainer runs.
+
+    The lock belongs to the process: the OS drops it when the process ends, however
+    it ends (SIGKILL included), so a lock left by a dead process never blocks a
+    resume, and there is no stale file to delete. The file holds the holder's pid
+    and host, for the message that refuses a second trainer. Where fcntl does not
+    exist (Windows), or the file system has no locks, runs are not locked.
+    """
+
+    def __init__(self, run):
+        self.run = Path(run)
+        self.path = self.run / LOCK
+        self.fd = None
+
+    def acquire(self):
+        if self.fd is not None or fcntl is None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_failed(self.path, e, self.run) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return self   # ENOLCK, EOPNOTSUPP: a file system without locks
+            pid, host = (holder + ["?", "?"])[:2]
+            raise RunInUse(f"{self.run} is in use by process {pid} on {host}; "
+                           f"wait for it to end, or stop it with kill -TERM {pid}, which saves its "
+                           f"checkpoint, then continue with --resume {self.run}") from None
+        with contextlib.suppress(OSError):   # a full disk: the lock holds, the message lacks the pid
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        _HELD_LOCKS.add(fd)
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            _HELD_LOCKS.discard(self.fd)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)   # no pid in the file while nobody holds it
+            os.close(self.fd)   # closing the last descriptor of the open file drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 def model_config_of(state, path=""):

@@ -1,7 +1,11 @@
 """The npvae command line: gradcheck, train, eval, sample, plot, bench.
 
 Exit codes: 0 success; 1 a gradient check failed, training stopped on a
-non-finite value, or a finished run's figures could not be written; 2 bad
+non-finite value, a file could not be written (a full disk, no permission, a
+read-only file system, a removed run directory: one line names the file and the
+run's last whole checkpoint), the run directory is in use by another `npvae
+train` (one line names its process), or a finished run's figures could not be
+written; 2 bad
 usage or bad input (one line on stderr, no traceback); and for `npvae train`
 stopped by a signal after finishing its step and saving a checkpoint: 130 for
 SIGINT (Ctrl-C), 143 for SIGTERM (128 + 15, as a shell reports it), 75 for
@@ -128,6 +132,7 @@ def _defaults_for(dataset):
 
 def cmd_train(args):
     from .data import BUILTIN_SIZES
+    from .checkpoint import RunInUse, WriteFailed
     from .train import Trainer, TrainConfig, TrainingDiverged
     if args.resume:
         if args.out:
@@ -163,7 +168,7 @@ def cmd_train(args):
                     f"run directory {out}")
     try:
         status = trainer.run()
-    except TrainingDiverged as e:
+    except (TrainingDiverged, WriteFailed, RunInUse) as e:
         print(f"npvae train: error: {e}", file=sys.stderr)
         return 1
     if status == "interrupted":
@@ -549,3 +554,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"npvae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:   # a file that cannot be read or written: its name and why, not a traceback
+        print(f"npvae {args.command}: error: {e}", file=sys.stderr)
+        return 1

@@ -376,13 +376,17 @@ class Trainer:
                          "n_test": int(self.data.x_test.shape[0])}}
 
     def save(self, path):
+        """Write the training state to path; a failed write raises checkpoint.WriteFailed."""
         extra = {}
         if self.perm is not None:
             extra = {"perm": self.perm, "sums": self.sums}
         if self.inference is not None:
             extra.update(self.inference.state_dict())   # the phi tables of a per-datapoint run
-        ckpt.save_state(path, self.model, self.optimizer, self.rng, self.epoch, self.step,
-                        self.history, extra)
+        try:
+            ckpt.save_state(path, self.model, self.optimizer, self.rng, self.epoch, self.step,
+                            self.history, extra)
+        except OSError as e:   # the previous file at path is still whole (atomic_write)
+            raise ckpt.write_failed(path, e, self.out) from None
 
     @classmethod
     def resume(cls, run, epochs=None, quiet=False, stream=sys.stdout, data_dir=None, threads="auto",
@@ -437,11 +441,24 @@ class Trainer:
 
         until: stop after that many epochs instead (the schedule still spans config.epochs),
         so that a caller can look at the model between stages and then call run() again.
+        Raises checkpoint.RunInUse while another process trains the same run directory, and
+        checkpoint.WriteFailed when a file cannot be written (the checkpoint before it stays whole).
         """
         c = self.config
         last = c.epochs if until is None else min(int(until), c.epochs)
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(self.out / ckpt.CONFIG, self.run_config())
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ckpt.write_failed(self.out, e, self.out) from None
+        with ckpt.RunLock(self.out):   # refused (RunInUse) while another process trains this run
+            try:
+                ckpt.write_json(self.out / ckpt.CONFIG, self.run_config())
+            except OSError as e:
+                raise ckpt.write_failed(self.out / ckpt.CONFIG, e, self.out) from None
+            return self._run(last)
+
+    def _run(self, last):
+        c = self.config
         previous = {}
         try:
             for s in STOP_SIGNALS:
