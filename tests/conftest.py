@@ -56,3 +56,49 @@ def float64_watch():
         w._log = log
         return w
     return watch, log
+
+
+# --- subprocesses started in the background --------------------------------------------------
+# pytest runs one test at a time, on one core. The demos' tests spend their time waiting on
+# subprocesses, so a test module may define background_jobs(item) -> {key: job}, the jobs a
+# collected test will need (job(workdir) returns what the test asserts on). They start on one
+# worker thread as soon as collection ends, those tests run last, and the rest of the suite runs
+# meanwhile: on 2 cores the whole suite takes about as long as the larger of the two halves.
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "background_jobs"))   # stable: order kept otherwise
+
+
+def pytest_collection_finish(session):
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+    jobs = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "background_jobs"):
+            jobs.update(module.background_jobs(item))
+    session.config._background = {}
+    if not jobs:
+        return
+    root = Path(tempfile.mkdtemp(prefix="npvae-background-"))
+    pool = ThreadPoolExecutor(max_workers=1)
+    session.config._background_pool = (pool, root)
+    for i, (key, job) in enumerate(jobs.items()):
+        work = root / f"{i:02d}"
+        work.mkdir()
+        session.config._background[key] = pool.submit(job, work)
+
+
+def pytest_sessionfinish(session):
+    import shutil
+    pool, root = getattr(session.config, "_background_pool", (None, None))
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)   # a cancelled session waits for the running job only
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def background(request):
+    """background(key): the result of the job that background_jobs(item) named key (waits for it)."""
+    return lambda key: request.config._background[key].result()

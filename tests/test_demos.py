@@ -70,40 +70,88 @@ def assert_drawn(path):
     assert path.stat().st_size < 400_000, f"{path.name} is {path.stat().st_size} bytes"
 
 
-# --- the demos --------------------------------------------------------------------------------
+# --- the demos ---------------------------------------------------------------------------------
+# Each demo runs in a subprocess started in the background when collection ends (conftest.py):
+# a job below returns what its test asserts on.
 
-@pytest.mark.parametrize("name", list(DEMOS))
-def test_demo_quick_draws_its_figures(name, tmp_path):
-    out = tmp_path / "out"
-    result = run_demo(name, out, real_data_dir())
+def quick_demo(name, data_dir):
+    """Job: run demo name with --quick on data_dir; returns (CompletedProcess, its --out folder)."""
+    def job(work):
+        out = work / "out"
+        return run_demo(name, out, data_dir), out
+    return job
+
+
+def reproduce_iwae_stages(work):
+    """Job: a --quick IWAE (k = 2) run, `npvae eval` of it, then --resume with 8 and 12 epochs."""
+    out = work / "out"
+    args = [str(REPO / "demos" / "reproduce_iwae.py"), "--quick", "--k", "2", "--out", str(out)]
+    data_dir = real_data_dir()
+    if data_dir is not None:
+        args += ["--data-dir", data_dir]
+    first = run(args, cwd=work)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert_drawn(out / "stages.png")
+    log = json.loads((out / "stages.json").read_text())
+    final = log["final"]
+    eval_args = [str(out / "run"), "--k", str(final["k"]), "--n", str(final["n"]), "--json", "--quiet"]
+    if data_dir is not None:
+        eval_args += ["--data-dir", data_dir]
+    evaluated = run(["-m", "npvae", "eval"] + eval_args, cwd=work)
+    resume = args + ["--resume", "--epochs"]
+    too_few = run(resume + ["8"], cwd=work)
+    longer = run(resume + ["12"], cwd=work)
+    return dict(first=first, log=log, eval=evaluated, too_few=too_few, longer=longer,
+                log_after=json.loads((out / "stages.json").read_text()) if longer.returncode == 0 else None)
+
+
+QUICK = [name for name in DEMOS if name != "reproduce_iwae"]   # its --quick run is reproduce_iwae_stages
+FALLBACK = ["mnist", "frey", pytest.param("tutorial", marks=pytest.mark.slow)]   # tutorial: its --quick run is the fast sibling
+
+
+def background_jobs(item):
+    """The subprocess runs a collected test of this module needs, by key (see conftest.py)."""
+    name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    if item.originalname == "test_demo_quick_draws_its_figures":
+        return {f"quick {name}": quick_demo(name, real_data_dir())}
+    if item.originalname == "test_demo_falls_back_to_a_builtin_set_without_data" and real_data_dir():
+        return {f"fallback {name}": fallback_demo(name)}
+    if item.originalname == "test_reproduce_iwae_logs_stages_and_matches_eval":
+        return {"reproduce_iwae": reproduce_iwae_stages}
+    return {}
+
+
+def fallback_demo(name):
+    """Job: run demo name with --quick on an empty data folder."""
+    def job(work):
+        (work / "no-data").mkdir()
+        return run_demo(name, work / "out", work / "no-data"), work / "out"
+    return job
+
+
+@pytest.mark.parametrize("name", QUICK)
+def test_demo_quick_draws_its_figures(name, background):
+    result, out = background(f"quick {name}")
     for png in DEMOS[name]:
         assert_drawn(out / png)
     assert "done in" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["mnist", "frey", pytest.param("tutorial", marks=pytest.mark.slow)])   # tutorial: its --quick run above is the fast sibling
-def test_demo_falls_back_to_a_builtin_set_without_data(name, tmp_path):
+@pytest.mark.parametrize("name", FALLBACK)
+def test_demo_falls_back_to_a_builtin_set_without_data(name, background):
     if real_data_dir() is None:
         pytest.skip("no real data here, so the test above already ran the fallback")
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    out = tmp_path / "out"
-    result = run_demo(name, out, empty)
+    result, out = background(f"fallback {name}")
     assert "using the built-in 'shapes' set" in result.stdout
     for png in DEMOS[name]:
         assert_drawn(out / png)
 
 
-def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
+def test_reproduce_iwae_logs_stages_and_matches_eval(background):
     """Each stage is logged, and the final log p(x) is what `npvae eval` says about the run."""
-    out = tmp_path / "out"
-    args = [str(REPO / "demos" / "reproduce_iwae.py"), "--quick", "--k", "2", "--out", str(out)]
-    data_dir = real_data_dir()
-    if data_dir is not None:
-        args += ["--data-dir", data_dir]
-    result = run(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = json.loads((out / "stages.json").read_text())
+    runs = background("reproduce_iwae")
+    assert "done in" in runs["first"].stdout
+    log = runs["log"]
     stages, final = log["stages"], log["final"]
     assert [s["stage"] for s in stages] == list(range(1, 9))
     assert [s["lr"] for s in stages] == pytest.approx(1e-3 * 10 ** (-np.arange(8) / 7))
@@ -112,23 +160,17 @@ def test_reproduce_iwae_logs_stages_and_matches_eval(tmp_path):
     assert np.diff([s["epoch_seconds_total"] for s in stages]).min() > 0
     assert all(np.isfinite(s["valid_elbo"]) and s["test_log_px"] < 0 for s in stages)
     assert stages[-1]["valid_elbo"] > stages[0]["valid_elbo"]
-    eval_args = [str(out / "run"), "--k", str(final["k"]), "--n", str(final["n"]), "--json", "--quiet"]
-    if data_dir is not None:
-        eval_args += ["--data-dir", data_dir]
-    result = run(["-m", "npvae", "eval"] + eval_args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert runs["eval"].returncode == 0, runs["eval"].stderr[-3000:]
     # The same images, noise and model; only the float32 matrix products may sum in another order
     # (the demo runs on one BLAS thread, `npvae eval` on as many as it is given).
-    assert json.loads(result.stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], rel=1e-6)
+    assert json.loads(runs["eval"].stdout)["log_likelihood"] == pytest.approx(final["test_log_px"], rel=1e-6)
 
     # A longer --epochs on resume re-spaces the stages over 12 epochs: the ones that would have
     # ended by epoch 8 are skipped, the rest are logged after the old ones, and the change is recorded.
-    resume = args + ["--resume", "--epochs"]
-    result = run(resume + ["8"], cwd=tmp_path)
-    assert result.returncode == 2 and "--epochs must be more than the 8 epochs" in result.stderr
-    result = run(resume + ["12"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = json.loads((out / "stages.json").read_text())
+    too_few, longer = runs["too_few"], runs["longer"]
+    assert too_few.returncode == 2 and "--epochs must be more than the 8 epochs" in too_few.stderr
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    log = runs["log_after"]
     assert log["extended"] == [dict(at_epoch=8, epochs_before=8, epochs=12)]
     assert [s["end_epoch"] for s in log["stages"]] == list(range(1, 9)) + [9, 11, 12]
     assert [s["stage"] for s in log["stages"][8:]] == [6, 7, 8]

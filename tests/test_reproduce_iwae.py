@@ -86,18 +86,31 @@ def test_plot_stages_draws_every_kind_of_log(demo, tmp_path, dataset, k, final, 
     assert_png(path)
 
 
-def test_two_layer_quick_run_logs_stages_and_matches_eval(tmp_path, capsys):
-    """--layers 2 trains Burda's two-stochastic-layer model; its final log p(x) is `npvae eval`'s."""
-    import json
-
-    from npvae.cli import main
-    out = tmp_path / "out"
+def two_layer_quick(work):
+    """Job: the demo's --quick run with --layers 2; returns (CompletedProcess, its --out folder)."""
+    out = work / "out"
     args = [sys.executable, str(DEMO), "--quick", "--layers", "2", "--out", str(out)]
     data_dir = real_data_dir()
     if data_dir is not None:
         args += ["--data-dir", data_dir]
-    result = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True,
-                            text=True, timeout=240)
+    return subprocess.run(args, cwd=work, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True,
+                          text=True, timeout=240), out
+
+
+def background_jobs(item):
+    """The subprocess a collected test of this module needs, started in the background (conftest.py)."""
+    if item.originalname == "test_two_layer_quick_run_logs_stages_and_matches_eval":
+        return {"two-layer quick": two_layer_quick}
+    return {}
+
+
+def test_two_layer_quick_run_logs_stages_and_matches_eval(background, capsys):
+    """--layers 2 trains Burda's two-stochastic-layer model; its final log p(x) is `npvae eval`'s."""
+    import json
+
+    from npvae.cli import main
+    result, out = background("two-layer quick")
+    data_dir = real_data_dir()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "784-200-200-[100]-100-100-[50]" in result.stdout
     log = json.loads((out / "stages.json").read_text())

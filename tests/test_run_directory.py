@@ -168,9 +168,10 @@ HOLD = textwrap.dedent("""
     from npvae import checkpoint as ckpt
     lock = ckpt.RunLock(sys.argv[1]).acquire()
     if os.fork() == 0:          # a helper, as the engine forks them: it must not keep the run locked
+        os.write(1, b"helper\\n")   # fork() has returned here, so the at-fork hooks have run
         time.sleep(60)
         os._exit(0)
-    print("held", flush=True)
+    os.write(1, b"held\\n")      # one write each: the two lines do not interleave
     time.sleep(60)
 """)
 
@@ -182,7 +183,7 @@ def test_a_lock_left_by_a_killed_process_and_its_live_helper_does_not_block(tmp_
     run.mkdir()
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline() == "held\n"
+        assert sorted([p.stdout.readline(), p.stdout.readline()]) == ["held\n", "helper\n"]
         with pytest.raises(ckpt.RunInUse, match=f"process {p.pid} "):
             ckpt.RunLock(run).acquire()
         p.kill()    # SIGKILL: no cleanup; the forked child lives on
