@@ -137,7 +137,7 @@ def check_gaussian_fixed(rng, B=4, D=5, sigma=0.7):
     return check_entries(f, {"mean": mean}, {"mean": dist.gaussian_fixed_log_prob_grad(r, x, mean, sigma)})
 
 
-def small_model(likelihood, activation, seed, x_sigma=None, D=6, hidden=(5, 4), Z=3):
+def small_model(likelihood, activation, seed, x_sigma=None, D=6, hidden=(5, 4), Z=3, posterior="diagonal"):
     """A float64 VAE small enough to check every entry, at a generic point.
 
     The initial log_sigma heads have zero weights, where the KL's gradient with
@@ -146,10 +146,19 @@ def small_model(likelihood, activation, seed, x_sigma=None, D=6, hidden=(5, 4), 
     """
     from .model import VAE
     model = VAE(D, hidden, Z, likelihood=likelihood, activation=activation,
-                dtype=np.float64, seed=seed, x_sigma=x_sigma)
+                dtype=np.float64, seed=seed, x_sigma=x_sigma, posterior=posterior)
     rng = np.random.default_rng(seed)
     for name, p in model.params.items():
-        p += 0.1 * rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
+        if name.startswith("q.iaf"):
+            # an IAF starts near the identity (outputs at 0.01 scale, gates near 1), where its
+            # gradients are ~1e-3 against a loss of ~10 and rounding would pass for error
+            p[...] = 0.5 * rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
+        elif name == "enc.planar.b":
+            # u_hat's correction (m(w.u) - w.u) w / |w|^2 bends as 1/|w| near w = 0, where the
+            # third derivative lifts central differences' h^2 error to 1e-7: w of size 1 instead
+            p[...] = rng.standard_normal(p.shape)
+        else:
+            p += 0.1 * rng.standard_normal(p.shape) / np.sqrt(p.shape[0])
     return model
 
 
@@ -197,6 +206,32 @@ def check_model(model, rng, term="elbo", k=1, B=4, direction=False):
     return check_entries(f, model.params, grads)
 
 
+def check_posterior(spec, rng, B=3, K=2, Z=3):
+    """A posterior family's map eps -> (z, log q) alone, loss = sum(R * z) + sum(r * log_q).
+
+    The encoder's outputs (mu, log_sigma and the family's heads) and the flow's global
+    parameters are all checked; the heads and parameters are drawn at a generic point.
+    """
+    from . import posteriors
+    q = posteriors.make(spec, Z)
+    arrays = {"mu": rng.standard_normal((B, Z)), "log_sigma": 0.3 * rng.standard_normal((B, Z))}
+    arrays.update({n: 0.5 * rng.standard_normal((B, w)) for n, w in q.heads.items()})
+    params = {n: 0.3 * rng.standard_normal(shape) for n, shape in q.shapes.items()}
+    eps, R, r = rng.standard_normal((B, K, Z)), rng.standard_normal((B, K, Z)), rng.standard_normal((B, K))
+    heads = {n: arrays[n] for n in q.heads}
+    arrays.update(params)
+
+    def f():
+        z, log_q, _ = q.sample(arrays["mu"], arrays["log_sigma"], heads, params, eps)
+        return float(np.sum(R * z) + np.sum(r * log_q))
+    _, _, cache = q.sample(arrays["mu"], arrays["log_sigma"], heads, params, eps)
+    dmu, dlog_sigma, dheads, dparams = q.sample_grad(R, r, cache)
+    return check_entries(f, arrays, {"mu": dmu, "log_sigma": dlog_sigma, **dheads, **dparams})
+
+
+POSTERIORS = ("full", "planar:3", "iaf:2")   # the gradcheck's flows: short, so every entry is cheap
+
+
 def components():
     """(name, function of a Generator -> {array: error}) for everything run_all checks."""
     comps = [(f"dense[{a}]", lambda rng, a=a: check_dense(a, rng)) for a in ACTIVATIONS]
@@ -224,6 +259,16 @@ def components():
     comps.append(("vae[gaussian,tanh,560-200-200-10] iwae direction",
                   lambda rng: check_model(small_model("gaussian", "tanh", 4, None, 560, (200, 200), 10),
                                           rng, "iwae", k=5, B=8, direction=True)))
+    # every posterior family: its map alone, then the whole model's ELBO (Monte Carlo KL) and IWAE bound
+    for spec in POSTERIORS:
+        comps.append((f"posterior[{spec}]", lambda rng, spec=spec: check_posterior(spec, rng)))
+        for term, k in (("elbo", 1), ("iwae", 3)):
+            comps.append((f"vae[bernoulli,tanh,posterior={spec}] {term}{f' k={k}' if k > 1 else ''}",
+                          lambda rng, spec=spec, term=term, k=k:
+                          check_model(small_model("bernoulli", "tanh", 8, posterior=spec), rng, term, k=k)))
+        comps.append((f"vae[gaussian,softplus,posterior={spec},50-20-8] elbo direction",
+                      lambda rng, spec=spec: check_model(small_model("gaussian", "softplus", 9, None, 50, (20,), 8,
+                                                                     posterior=spec), rng, "elbo", B=6, direction=True)))
     # two stochastic layers (and three): the backward through every reparameterization
     # (not elu for the Gaussian: its kink in the second derivative at 0 costs central differences ~1e-8)
     for lik, act in (("bernoulli", "tanh"), ("gaussian", "softplus")):

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import distributions as dist
+from . import posteriors
 from .layers import MLP, Dense, check_activation, init_std
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -55,15 +56,24 @@ class VAE:
     ('enc.h0.W', 'enc.mu.b', ...), views into one flat buffer each
     (flat_params, flat_grads), so that all parameters can also be treated as
     one vector.
+
+    posterior: the family of q(z|x) (npvae.posteriors): "diagonal" (the
+    default), "full", "planar:T" or "iaf:T" (T flow steps). Every family
+    gives samples and log q by sample_q; the ELBO's KL is the closed form for
+    "diagonal" and log q(z|x) - log p(z) at the sample for the others.
     """
 
+    posterior = "diagonal"   # the class's own, for the subclasses that have no other
+
     def __init__(self, x_dim, hidden=(400,), z_dim=20, likelihood="bernoulli",
-                 activation="relu", dtype=np.float32, seed=0, x_sigma=None):
+                 activation="relu", dtype=np.float32, seed=0, x_sigma=None, posterior="diagonal"):
         self.x_dim = _check_positive_int("x_dim", x_dim)
         self.z_dim = _check_positive_int("z_dim", z_dim)
         if isinstance(hidden, (int, np.integer)):
             hidden = (hidden,)
         self.hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        family, steps = posteriors.parse(posterior)
+        self.posterior = f"{family}:{steps}" if steps else family
         self._set_settings(likelihood, activation, dtype, seed, x_sigma)
         self._build()
 
@@ -91,7 +101,7 @@ class VAE:
         """The constructor's arguments as a JSON-friendly dict."""
         return dict(x_dim=self.x_dim, hidden=list(self.hidden), z_dim=self.z_dim,
                     likelihood=self.likelihood, activation=self.activation,
-                    dtype=self.dtype.name, seed=self.seed, x_sigma=self.x_sigma)
+                    dtype=self.dtype.name, seed=self.seed, x_sigma=self.x_sigma, posterior=self.posterior)
 
     def _layer_specs(self):
         """(name, fan_in, fan_out, activation) for every layer, encoder first."""
@@ -116,11 +126,16 @@ class VAE:
 
     def _build(self):
         """Allocate the parameter and gradient buffers, initialize the weights, make the layers."""
-        specs = self._layer_specs()
+        self.q = posteriors.make(self.posterior, self.z_dim)
+        # the family's extra encoder heads come last, so that a seed draws the same
+        # encoder and decoder weights for every family
+        H = ((self.x_dim,) + self.hidden)[-1]
+        specs = self._layer_specs() + [(name, H, width, "identity") for name, width in self.q.heads.items()]
         shapes = {}
         for name, fan_in, fan_out, _ in specs:
             shapes[name + ".W"] = (fan_in, fan_out)
             shapes[name + ".b"] = (fan_out,)
+        shapes.update(self.q.shapes)   # a flow's global parameters
         self.flat_params, self.params = self._allocate(shapes)
         self.flat_grads, self.grads = self._allocate(shapes)
         init_rng = np.random.default_rng(self.seed)
@@ -130,9 +145,11 @@ class VAE:
             # exp(bias) whatever the input: a random head would put some sigmas
             # near e^-10 at step one, where (x - mean)^2 / sigma^2 makes the
             # first gradients overflow. (The bias and the data still break symmetry.)
-            if not name.endswith("log_sigma"):
+            # The full covariance's head starts at zero for the same reason: L = diag(sigma).
+            if not (name.endswith("log_sigma") or name == "enc.L"):
                 W = self.params[name + ".W"]
                 W[...] = init_rng.standard_normal(W.shape) * init_std(self.activation, fan_in, fan_out)
+        self.q.init(self.params, init_rng)
         self._make_layers(specs)
 
     def _allocate(self, shapes):
@@ -154,6 +171,7 @@ class VAE:
         self.enc_mu, self.enc_log_sigma = layers["enc.mu"], layers["enc.log_sigma"]
         self.decoder = MLP([layers[f"dec.h{i}"] for i in range(n_hidden)])
         self.dec_heads = [layers[n] for n in ("dec.logits", "dec.mean", "dec.log_sigma") if n in layers]
+        self.enc_heads = {n: layers[n] for n in self.q.heads}   # the posterior family's extra outputs
         self._layers = layers
 
     # the class of the model's layers (the engine's model takes one that writes where it is told)
@@ -219,10 +237,18 @@ class VAE:
         h = self.encoder.forward(x)  # (B, H)
         return self.enc_mu.forward(h), self.enc_log_sigma.forward(h)
 
-    def _encode_backward(self, dmu, dlog_sigma):
-        # h feeds both heads, so its gradient is the sum of the two branches.
+    def _encode_all(self, x):
+        """x (B, D) -> mu, log_sigma (B, Z) and {head name: (B, width)} of the family's extra heads."""
+        h = self.encoder.forward(x)  # (B, H)
+        heads = {n: layer.forward(h) for n, layer in self.enc_heads.items()}
+        return self.enc_mu.forward(h), self.enc_log_sigma.forward(h), heads
+
+    def _encode_backward(self, dmu, dlog_sigma, dheads=None):
+        # h feeds every head, so its gradient is the sum of the branches.
         dh = self.enc_mu.backward(dmu)
         dh += self.enc_log_sigma.backward(dlog_sigma)
+        for n, d in (dheads or {}).items():
+            dh += self.enc_heads[n].backward(d)
         self.encoder.backward(dh, need_dx=False)
 
     def decode(self, z):
@@ -273,7 +299,14 @@ class VAE:
     # --- the ELBO (K = 1) ------------------------------------------------------------
 
     def forward(self, x, eps):
-        """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); keeps what backward needs."""
+        """x (B, D), eps (B, Z) -> (log_px_z, kl), each (B,); keeps what backward needs.
+
+        kl is the closed form for the diagonal posterior; for the others, which have none,
+        it is log q(z|x) - log p(z) at the sample z, whose expectation is the KL.
+        """
+        if self.posterior != "diagonal":
+            log_px_z, log_pz, log_q = self._forward_sampled(x, eps[:, None, :])
+            return log_px_z[:, 0], (log_q - log_pz)[:, 0]
         mu, log_sigma = self._encode(x)                 # (B, Z), (B, Z)
         z = dist.reparameterize(mu, log_sigma, eps)     # (B, Z)
         out = self._decode(z)                           # logits or (mean, log_sigma), (B, D)
@@ -287,6 +320,10 @@ class VAE:
 
         mu and log_sigma feed both z and the KL, so their gradients sum both paths.
         """
+        if self.posterior != "diagonal":
+            # kl = log q - log p(z): d kl / d log q = 1, d kl / d log p(z) = -1
+            dkl = np.asarray(dkl, dtype=self.dtype)[:, None]
+            return self._backward_sampled(np.asarray(dlog_px_z, dtype=self.dtype)[:, None], -dkl, dkl)
         x, eps, mu, log_sigma, out = self._cache
         dz = self._decode_backward(self._log_px_z_grad(dlog_px_z, x, out))    # (B, Z)
         dmu, dlog_sigma = dist.reparameterize_grad(dz, log_sigma, eps)
@@ -310,6 +347,12 @@ class VAE:
     def forward_iwae(self, x, eps):
         """x (B, D), eps (B, K, Z) -> bound (B,); keeps what backward_iwae needs."""
         B, K, Z = eps.shape
+        if self.posterior != "diagonal":
+            log_px_z, log_pz, log_q = self._forward_sampled(x, eps)
+            log_w = log_px_z + log_pz - log_q                             # (B, K)
+            self._log_w = log_w
+            from scipy.special import logsumexp
+            return logsumexp(log_w, axis=1) - math.log(K)
         mu, log_sigma = self._encode(x)                                   # (B, Z)
         z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)     # (B, K, Z)
         out = self._decode(z.reshape(B * K, Z))
@@ -328,6 +371,10 @@ class VAE:
         Local derivative: d bound / d log_w_k = w_k / sum_j w_j (a softmax over K).
         """
         from scipy.special import softmax
+        if self.posterior != "diagonal":
+            dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(self._log_w, axis=1)
+            dlog_w = dlog_w.astype(self.dtype, copy=False)
+            return self._backward_sampled(dlog_w, dlog_w, -dlog_w)
         x, eps, z, log_sigma, out_bk, log_w = self._cache_iwae
         B, K, Z = eps.shape
         dlog_w = np.asarray(dbound, dtype=self.dtype)[:, None] * softmax(log_w, axis=1)  # (B, K)
@@ -352,6 +399,43 @@ class VAE:
         x = self._as_x(x)
         eps = self._noise((x.shape[0], k, self.z_dim), eps, rng)
         return self.forward_iwae(x, eps)
+
+    # --- any posterior family: log q at the sample ------------------------------------------
+
+    def _forward_sampled(self, x, eps):
+        """x (B, D), eps (B, K, Z) -> log p(x|z), log p(z), log q(z|x), each (B, K), at z of the family's q."""
+        B, K, Z = eps.shape
+        mu, log_sigma, heads = self._encode_all(x)                               # (B, Z), (B, Z), {...}
+        z, log_q, q_cache = self.q.sample(mu, log_sigma, heads, self.params, eps)  # (B, K, Z), (B, K)
+        out_bk = _per_sample(self._decode(z.reshape(B * K, Z)), B, K)            # (B, K, D)
+        log_px_z = self.log_px_z(x[:, None, :], out_bk)                          # (B, K)
+        self._cache_sampled = (x, z, out_bk, q_cache)
+        return log_px_z, dist.standard_normal_log_prob(z), log_q
+
+    def _backward_sampled(self, dlog_px_z, dlog_pz, dlog_q):
+        """Upstream gradients of _forward_sampled's three (B, K) terms -> grads dict.
+
+        z feeds the decoder and log p(z) (d/dz = -z): their gradients sum before the family's backward.
+        """
+        x, z, out_bk, q_cache = self._cache_sampled
+        B, K, Z = z.shape
+        dout = _all_samples(self._log_px_z_grad(dlog_px_z, x[:, None, :], out_bk), B, K)
+        dz = self._decode_backward(dout).reshape(B, K, Z)
+        dz -= dlog_pz[..., None] * z
+        dmu, dlog_sigma, dheads, dparams = self.q.sample_grad(dz, dlog_q, q_cache)
+        for name, d in dparams.items():
+            self.grads[name][...] = d
+        self._encode_backward(dmu, dlog_sigma, dheads)
+        return self.grads
+
+    def sample_q(self, x, k, rng=None):
+        """x (B, D) -> z (B, K, Z) drawn from q(z|x) with K = k, and log q(z|x) (B, K), for every family."""
+        k = _check_positive_int("k", k)
+        x = self._as_x(x)
+        eps = self._noise((x.shape[0], k, self.z_dim), None, rng)
+        mu, log_sigma, heads = self._encode_all(x)
+        z, log_q, _ = self.q.sample(mu, log_sigma, heads, self.params, eps)
+        return z, log_q
 
     # --- training interface ------------------------------------------------------------
 
