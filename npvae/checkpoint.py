@@ -284,7 +284,9 @@ def restore_params(model, state, path=""):
     """Copy a checkpoint's parameters into model, after checking they match exactly."""
     saved = model_config_of(state, path)
     ours = model.config
-    for key in ("x_dim", "hidden", "z_dim", "layers", "likelihood", "activation", "dtype", "x_sigma"):
+    # a checkpoint from before posterior families was written by a diagonal q
+    saved, ours = {"posterior": "diagonal", **saved}, {"posterior": "diagonal", **ours}
+    for key in ("x_dim", "hidden", "z_dim", "layers", "likelihood", "activation", "dtype", "x_sigma", "posterior"):
         if saved.get(key) != ours.get(key):   # "layers": a HierarchicalVAE's; "hidden", "z_dim": a VAE's
             raise CheckpointError(f"checkpoint {path} was saved with {key}={saved.get(key)!r}, "
                                   f"but the model has {key}={ours.get(key)!r}")

@@ -144,7 +144,7 @@ def cmd_train(args):
             "dataset", "data_dir", "epochs", "batch_size", "hidden", "z_dim", "activation", "likelihood",
             "x_sigma", "lr", "lr_schedule", "lr_final", "warmup", "beta", "objective", "k", "binarize",
             "threshold", "n_valid", "n_train", "patience", "seed", "dtype", "inference", "inner_steps",
-            "inner_lr", "inner_optimizer") if getattr(args, f) is not None}
+            "inner_lr", "inner_optimizer", "posterior") if getattr(args, f) is not None}
         if args.layers is not None:
             if args.hidden is not None or args.z_dim is not None:
                 raise UsageError("--layers sets every layer's hidden widths and latent size; "
@@ -467,6 +467,9 @@ def build_parser():
                    help="inner-loop steps per minibatch visit (default 5; semi-amortized allows 0)")
     p.add_argument("--inner-lr", type=positive_float, help="the inner loop's learning rate (default 0.2 per-datapoint, 0.05 semi-amortized)")
     p.add_argument("--inner-optimizer", choices=("adam", "sgd"), help="the inner loop's optimizer (default adam)")
+    p.add_argument("--posterior", metavar="FAMILY",
+                   help="q(z|x): diagonal (default), full (Cholesky covariance), planar:T or iaf:T (T flow "
+                        "steps, e.g. planar:16, iaf:4); all but diagonal train on engine reference")
     p.add_argument("--engine", choices=ENGINES,
                    help="fast (the default: npvae.engine, a minibatch shared by threads or processes) or "
                         "reference (npvae.model and npvae.optim in the textbook loop, one Python thread); "

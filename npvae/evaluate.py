@@ -109,9 +109,17 @@ def chunk_sizes(model, n, k, batch_size=None, chunk=None):
 
 # --- sampling z ~ q(z|x) in chunks ---------------------------------------------------------
 
+def _encode_diagonal(model, x):
+    """The encoder's mu, log_sigma (B, Z) for a model whose q(z|x) is the diagonal Gaussian; others refused."""
+    if model.posterior != "diagonal":
+        raise ValueError(f"this measure takes the encoder's diagonal q(z|x); the model's posterior is "
+                         f"{model.posterior!r} (for it: log_likelihood, elbo_stats, model.sample_q)")
+    return model._encode(x)
+
+
 def _encode_q(model, x, q, s):
     """mu, log_sigma (b, Z) for the examples x[s]: the encoder's, or the given q's."""
-    return model._encode(x[s]) if q is None else (q[0][s], q[1][s])
+    return _encode_diagonal(model, x[s]) if q is None else (q[0][s], q[1][s])
 
 
 def _log_px_z_samples(model, x, z):
@@ -159,8 +167,8 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
 
         log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,  z_k ~ q(z|x)
 
-    q is the encoder's q(z|x) unless q = (mu, log_sigma), each (N, Z), is given.
-    Works on batch_size examples x chunk samples at a time (see chunk_sizes) and
+    q is the encoder's q(z|x), of the model's posterior family, unless a diagonal
+    q = (mu, log_sigma), each (N, Z), is given. Works on batch_size examples x chunk samples at a time (see chunk_sizes) and
     combines the chunks with a running log-sum-exp in float64; the network runs
     in the model's dtype. progress(done, N) is called after each batch. Each
     example draws its noise from its own stream (_sample_batches), so the
@@ -175,6 +183,8 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
 
 def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=None, progress=None):
     """log_likelihood's estimates for checked x (n, D) whose examples draw from the streams of seeds (n,)."""
+    if q is None and model.posterior != "diagonal":
+        return _log_likelihood_sampled(model, x, k, seeds, batch_size, chunk, progress)
     log_px = np.empty(x.shape[0])
     for s, mu, log_sigma, chunks in _sample_batches(model, x, k, seeds, q, batch_size, chunk):
         total = np.full(s.stop - s.start, -np.inf)                   # log sum_k w_k so far
@@ -187,6 +197,32 @@ def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=N
         log_px[s] = total - math.log(k)
         if progress is not None:
             progress(s.stop, x.shape[0])
+    return log_px
+
+
+def _log_likelihood_sampled(model, x, k, seeds, batch_size=None, chunk=None, progress=None):
+    """log_likelihood_of_seeds with the model's own posterior family (full, a flow) as the proposal.
+
+    The same noise streams as _sample_batches; the family maps each eps to z and gives log q(z|x).
+    """
+    N, Z = x.shape[0], model.z_dim
+    B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
+    log_px = np.empty(N)
+    for s in batches(N, B_):
+        mu, log_sigma, heads = model._encode_all(x[s])
+        streams = [np.random.default_rng(seed) for seed in seeds[s]]
+        total = np.full(s.stop - s.start, -np.inf)
+        for start in range(0, k, K_):
+            eps = np.empty((s.stop - s.start, min(K_, k - start), Z), dtype=model.dtype)
+            for e, g in zip(eps, streams):
+                g.standard_normal(dtype=model.dtype, out=e)
+            z, log_q, _ = model.q.sample(mu, log_sigma, heads, model.params, eps)      # (b, K', Z), (b, K')
+            log_w = (_log_px_z_samples(model, x[s], z).astype(np.float64)
+                     + dist.standard_normal_log_prob(z.astype(np.float64)) - log_q.astype(np.float64))
+            total = np.logaddexp(total, logsumexp(log_w, axis=1))
+        log_px[s] = total - math.log(k)
+        if progress is not None:
+            progress(s.stop, N)
     return log_px
 
 
@@ -360,7 +396,7 @@ def kl_to_posterior(model, x, grid=None, n=None, limit=None):
     x = model._as_x(x)
     grid = _grid_for(model, grid, n, limit)
     log_px, _ = _exact(model, x, grid)
-    mu, log_sigma = model._encode(x)
+    mu, log_sigma = _encode_diagonal(model, x)
     kl = np.zeros(x.shape[0])
     for sl, log_joint in _log_joint_on_grid(model, x, grid):
         log_q = _log_q_on_grid(mu, log_sigma, grid.z[sl])            # (B, g)
@@ -373,7 +409,7 @@ def exact_elbo(model, x, grid=None, n=None, limit=None):
     """x (N, D) -> (N,) ELBO = E_q[log p(x|z)] - KL(q || p(z)): the expectation on the grid, the KL closed form."""
     x = model._as_x(x)
     grid = _grid_for(model, grid, n, limit)
-    mu, log_sigma = model._encode(x)
+    mu, log_sigma = _encode_diagonal(model, x)
     recon = np.zeros(x.shape[0])
     for sl, log_joint in _log_joint_on_grid(model, x, grid):
         log_px_z = log_joint - dist.standard_normal_log_prob(grid.z[sl])
@@ -403,7 +439,7 @@ def quadrature_error_estimate(model, x, n=None, limit=None):
     log_px_fine, _ = _exact(model, x, fine)
     tail_prior_mass = float(-np.expm1(model.z_dim * np.log1p(-2.0 * ndtr(-grid.limit))))
     tail = np.log1p(tail_prior_mass * np.exp(max_log_px_z - log_px_fine))
-    mu, log_sigma = model._encode(x)
+    mu, log_sigma = _encode_diagonal(model, x)
     q_mass = np.zeros(x.shape[0])
     for sl in batches(grid.z.shape[0], max(1, CHUNK_FLOATS // x.shape[0])):
         q_mass += np.exp(_log_q_on_grid(mu, log_sigma, grid.z[sl]) + grid.log_weights[sl]).sum(axis=1)

@@ -69,6 +69,7 @@ class TrainConfig:
     inner_steps: int | None = None    # the inner loop's steps per visit (None: the method's default;
     inner_lr: float | None = None     # amortized takes none of these three)
     inner_optimizer: str | None = None   # adam | sgd
+    posterior: str = "diagonal"       # q(z|x): diagonal | full | planar:T | iaf:T (npvae.posteriors)
 
     def validate(self):
         """Raise ValueError/TypeError naming the first impossible setting."""
@@ -106,6 +107,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        from .posteriors import parse
+        parse(self.posterior)
+        if self.posterior != "diagonal" and (self.layers is not None or self.inference != "amortized"):
+            raise ValueError(f"posterior={self.posterior!r} is for a one-layer VAE with inference='amortized'")
         if self.layers is not None:
             from .hierarchical import check_layers
             self.layers = [[list(h), z] for h, z in check_layers(self.layers)]
@@ -287,9 +292,12 @@ class Trainer:
                  engine=None):
         self.config = config.validate()
         amortized = config.inference == "amortized"
-        engine = ("fast" if amortized else "reference") if engine is None else engine
+        diagonal = config.posterior == "diagonal"   # FastVAE has the diagonal q only
+        engine = ("fast" if amortized and diagonal else "reference") if engine is None else engine
         if not amortized and engine != "reference":
             raise ValueError(f"inference {config.inference!r} runs on engine 'reference' only, got engine {engine!r}")
+        if not diagonal and engine != "reference":
+            raise ValueError(f"posterior {config.posterior!r} runs on engine 'reference' only, got engine {engine!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
         self.engine = engine
@@ -317,6 +325,8 @@ class Trainer:
         model_args = dict(x_dim=self.data.dim, hidden=config.hidden, z_dim=config.z_dim,
                           likelihood=self.likelihood, activation=config.activation,
                           dtype=np.dtype(config.dtype), seed=config.seed, x_sigma=config.x_sigma)
+        if not diagonal:
+            model_args["posterior"] = config.posterior
         prepare = make_prepare(config.binarize, config.threshold, self.likelihood, self.data.kind,
                                np.dtype(config.dtype))
         if config.layers is not None:

@@ -22,12 +22,15 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     """evaluate.log_likelihood (which see for the arguments), on `threads` threads ("auto": as
     npvae.engine.parallel.resolve_threads): x (N, D) -> (N,) float64 estimates of log p(x).
 
-    A HierarchicalVAE goes to npvae.engine.hierarchical.log_likelihood (q is for one layer only)."""
+    A HierarchicalVAE goes to npvae.engine.hierarchical.log_likelihood (q is for one layer only), a VAE
+    whose posterior is not the diagonal one to evaluate.log_likelihood on one thread."""
     if hasattr(model, "z_dims"):
         if q is not None:
             raise ValueError("q applies to a one-layer VAE; a HierarchicalVAE's proposal is its own q chain")
         from .hierarchical import log_likelihood as hierarchical_log_likelihood
         return hierarchical_log_likelihood(model, x, k, rng, batch_size, chunk, progress, threads)
+    if model.posterior != "diagonal":   # FastVAE has the diagonal q only: the reference, on one thread
+        return evaluate.log_likelihood(model, x, k, rng, batch_size, chunk, progress, q)
     k = evaluate._check_positive_int("k", k)
     x = model._as_x(x)
     rng = evaluate._check_rng(rng)

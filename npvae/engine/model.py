@@ -101,6 +101,9 @@ class FastVAE(KernelLogPxZ, VAE):
         self._rows = None   # (x rows, z rows) of a SplitBatch this model is bound to (bind_rows)
         self._bound = None  # (batch, first, stop) of that binding
         super().__init__(*args, **kwargs)
+        if self.posterior != "diagonal":
+            raise ValueError(f"FastVAE has the diagonal posterior only, got posterior={self.posterior!r} "
+                             "(npvae.model.VAE has every family)")
 
     @classmethod
     def like(cls, model, shared=False):
