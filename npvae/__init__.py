@@ -1,6 +1,6 @@
 """npvae: a variational autoencoder in NumPy, every gradient written by hand.
 
-Reading order, the reference first: layers -> distributions -> model ->
+Reading order, the reference first: layers -> distributions -> posteriors -> model ->
 hierarchical -> optim -> evaluate -> gradcheck -> data -> train -> checkpoint -> cli. Then
 npvae.engine, read after the rest: how it is made fast.
 """

@@ -207,9 +207,11 @@ def signal_name(signum):
 
 
 def _architecture(model):
-    """'784-400-20', or for a HierarchicalVAE '784-200-200-[100]-100-100-[50]' ([Z]: a stochastic layer)."""
+    """'784-400-20' (with ' q planar:16' for a posterior other than the diagonal), or for a
+    HierarchicalVAE '784-200-200-[100]-100-100-[50]' ([Z]: a stochastic layer)."""
     if not hasattr(model, "layers"):
-        return f"{model.x_dim}-{'-'.join(map(str, model.hidden))}-{model.z_dim}"
+        q = "" if model.posterior == "diagonal" else f" q {model.posterior}"
+        return f"{model.x_dim}-{'-'.join(map(str, model.hidden))}-{model.z_dim}{q}"
     return f"{model.x_dim}-" + "-".join("-".join(map(str, h)) + f"-[{z}]" for h, z in model.layers)
 
 

@@ -164,6 +164,10 @@ class HierarchicalVAE(VAE):
 
     # --- the networks ------------------------------------------------------------
 
+    def sample_q(self, x, k, rng=None):
+        """Not for a chain of layers: its q is sampled inside forward_iwae (log_weights)."""
+        raise TypeError("sample_q is for a one-layer VAE; a HierarchicalVAE samples its q chain in log_weights")
+
     def encode(self, x):
         """x (B, D) -> [(mu_1, log_sigma_1), ..., (mu_L, log_sigma_L)], each (B, Z_l).
 

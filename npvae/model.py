@@ -13,6 +13,10 @@ replaces the ELBO:
     log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)          (B, K)
     bound = logsumexp_k(log_w) - log K
 
+posterior="full", "planar:T" or "iaf:T" (npvae.posteriors) replaces the diagonal q by a
+full-covariance Gaussian or a flow on it: z and log q(z|x) come from the family, and the
+KL, which has no closed form there, is log q(z|x) - log p(z) at the sample.
+
 Shapes: B batch, D data, H hidden, Z latent, K importance samples.
 """
 import math

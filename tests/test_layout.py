@@ -11,7 +11,7 @@ import npvae
 from npvae.optim import Adam
 
 PACKAGE = Path(npvae.__file__).parent
-REFERENCE = ("layers", "distributions", "model", "hierarchical", "inference", "optim", "evaluate", "data")
+REFERENCE = ("layers", "distributions", "posteriors", "model", "hierarchical", "inference", "optim", "evaluate", "data")
 
 
 def imported_modules(path):

@@ -315,8 +315,12 @@ def test_log_likelihood_uses_the_familys_q_as_proposal(spec):
         evaluate.elbo_estimate(model, x, n_samples=2)
 
 
-def test_trainer_runs_a_flow_on_the_reference_engine_and_refuses_fast(tmp_path):
-    from npvae.train import Trainer, TrainConfig
+def test_trainer_runs_a_flow_on_the_reference_engine_and_refuses_fast(tmp_path, capsys):
+    """npvae train's Trainer takes the reference engine for a flow; npvae eval --k uses the flow's q."""
+    import json
+
+    from npvae.cli import main
+    from npvae.train import Trainer, TrainConfig, test_set
     config = TrainConfig(dataset="pinwheel", epochs=1, batch_size=100, hidden=(8,), z_dim=2, n_train=200,
                          posterior="planar:2", seed=1)
     with pytest.raises(ValueError, match="engine 'reference' only"):
@@ -324,6 +328,13 @@ def test_trainer_runs_a_flow_on_the_reference_engine_and_refuses_fast(tmp_path):
     trainer = Trainer(config, tmp_path / "run", quiet=True)
     assert trainer.engine == "reference" and trainer.model.posterior == "planar:2"
     assert trainer.run() == "done"
-    assert ckpt.load(tmp_path / "run").posterior == "planar:2"
+    model = ckpt.load(tmp_path / "run")
+    assert model.posterior == "planar:2"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--k", "20", "--n", "50", "--json", "--quiet", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    x = test_set(config, model, None, 0)[:50]
+    expected = evaluate.log_likelihood(model, x, 20, np.random.default_rng([0, 6]))   # the family's q
+    assert abs(result["log_likelihood"] - float(np.mean(expected))) < 1e-9
     with pytest.raises(ValueError, match="one-layer VAE"):
         TrainConfig(posterior="iaf:2", inference="per-datapoint").validate()
