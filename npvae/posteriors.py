@@ -315,7 +315,18 @@ class Planar:
         self.heads = {"enc.planar": steps * (2 * z_dim + 1)}
 
     def init(self, params, rng):
-        pass
+        """Start every step at the identity: u_hat = 0, for every x (the head's weights at 0).
+
+        u_hat = 0 needs w.u = a0 with m(a0) = 0, a0 = log(e - 1), and then u = a0 w / |w|^2;
+        each step's w is drawn with |w| ~ 1, away from w = 0 where u_hat bends as 1/|w|.
+        """
+        T, Z = self.steps, self.z_dim
+        params["enc.planar.W"][...] = 0.0
+        b = params["enc.planar.b"].reshape(T, 2 * Z + 1)
+        w = rng.standard_normal((T, Z)) / np.sqrt(Z)
+        b[:, :Z] = np.log(np.e - 1.0) * w / np.sum(w * w, axis=1, keepdims=True)
+        b[:, Z:2 * Z] = w
+        b[:, 2 * Z] = 0.0
 
     def _split(self, out):
         """Head output (B, T(2Z + 1)) -> u, w (B, T, Z), b (B, T)."""

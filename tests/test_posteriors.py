@@ -250,13 +250,19 @@ def test_the_diagonal_posterior_is_todays_model_bit_for_bit():
         assert all(np.array_equal(other.params[n], p) for n, p in new.params.items())
 
 
-def test_full_starts_as_the_diagonal():
-    """The head enc.L starts at zero, so at initialization full's samples and log q are the diagonal's."""
+@pytest.mark.parametrize("spec", ("full", "planar:4"))
+def test_full_and_planar_start_as_the_diagonal(spec):
+    """At initialization full's L is diag(sigma) (enc.L at zero) and every planar step has u_hat = 0,
+    so their samples and log q are the diagonal's; the flow's parameters still get a gradient."""
     kw = dict(x_dim=6, hidden=(5,), z_dim=3, seed=23, dtype=np.float64)
     x = np.random.default_rng(24).random((2, 6))
     z_d, lq_d = VAE(**kw).sample_q(x, 5, rng=np.random.default_rng(25))
-    z_f, lq_f = VAE(**kw, posterior="full").sample_q(x, 5, rng=np.random.default_rng(25))
-    assert np.allclose(z_f, z_d, rtol=0, atol=1e-14) and np.allclose(lq_f, lq_d, rtol=0, atol=1e-14)
+    model = VAE(**kw, posterior=spec)
+    z_f, lq_f = model.sample_q(x, 5, rng=np.random.default_rng(25))
+    assert np.allclose(z_f, z_d, rtol=0, atol=1e-12) and np.allclose(lq_f, lq_d, rtol=0, atol=1e-12)
+    _, grads = model.loss_and_grads(x, rng=np.random.default_rng(26))
+    head = "enc.L" if spec == "full" else "enc.planar"
+    assert np.max(np.abs(grads[head + ".W"])) > 1e-6 and np.max(np.abs(grads[head + ".b"])) > 1e-6
 
 
 @pytest.mark.parametrize("bad", ("planar", "planar:0", "iaf:x", "full:2", "gaussian", 3))
