@@ -264,13 +264,14 @@ def cmd_eval(args):
     from . import evaluate
     from .engine.evaluate import log_likelihood
     model, run_config = _load_run(args.run, args.which)
-    from .train import TrainConfig, test_set
+    from .train import TrainConfig, test_rows
     config = TrainConfig.from_dict(run_config["train"])
-    x = test_set(config, model, args.data_dir, args.seed)
+    # prepared as read, a slice at a time: a test set of any length takes the memory of a slice
+    x = test_rows(config, model, args.data_dir, args.seed, args.dataset)
     if args.n is not None:
-        x = x[:args.n]
+        x = x.first(args.n)
     if config.inference != "amortized":
-        return _eval_inference(args, model, config, x)
+        return _eval_inference(args, model, config, np.asarray(x))
     result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
     if hasattr(model, "layers"):   # a HierarchicalVAE: per layer, bottom first
         from .hierarchical import active_units
@@ -498,6 +499,9 @@ def build_parser():
         p.add_argument("--seed", type=int, default=0, help="seed for the noise (default 0)")
         if name == "eval":
             p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
+            p.add_argument("--dataset", metavar="PATH",
+                           help="evaluate on this .npy/.npz instead of the run's test set (a .npz's x_test, "
+                                "else every row), read a slice at a time: any length, checked as npvae train checks it")
             p.add_argument("--n", type=positive_int, help="evaluate only the first N test examples")
             p.add_argument("--k", type=positive_int, nargs="?", const=5000,
                            help="also estimate log p(x) by importance sampling with K samples (--k alone: 5000); "

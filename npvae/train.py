@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import data as datasets
 from . import inference as inference_lib
 from .engine import parallel
-from .engine.binarize import make_prepare, prepare_batch
+from .engine.binarize import PreparedRows, make_prepare, prepare_batch
 from .engine.model import FastVAE
 from .engine.optim import FlatAdam
 from .engine.step import make_step
@@ -228,17 +228,36 @@ HISTORY_KEYS = ("epoch", "lr", "beta", "train_elbo", "train_recon", "train_kl",
 
 
 def test_set(config, model, data_dir=None, seed=0):
-    """The test images of a run with this TrainConfig, as the model sees them.
+    """The test images of a run with this TrainConfig, as the model sees them (all in memory: see test_rows)."""
+    return np.asarray(test_rows(config, model, data_dir, seed))
+
+
+def test_rows(config, model, data_dir=None, seed=0, dataset=None):
+    """The test images of a run with this TrainConfig as PreparedRows: prepared a slice at a time, as read.
 
     Grey images under a Bernoulli model that trained on dynamic binarization are
     binarized once, with a generator seeded by seed, so that every evaluation
-    of a run scores the same binary images.
+    of a run scores the same binary images. dataset: a .npy/.npz path (or a
+    dataset's name) to evaluate instead of the run's own; its x_test, or all of
+    a .npy's rows (which has no test split).
     """
-    data = datasets.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
-    if data.x_test.shape[0] == 0:
-        raise ValueError(f"dataset {config.dataset} has no test split")
-    return prepare_batch(data.x_test, config, model.likelihood, data.kind, model.dtype,
-                         np.random.default_rng([seed, 4]))
+    if dataset is None:
+        data = datasets.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
+        if data.x_test.shape[0] == 0:
+            raise ValueError(f"dataset {config.dataset} has no test split; evaluate the run on "
+                             f"other data with --dataset PATH.npy")
+        x = data.x_test
+    else:
+        data = datasets.load(dataset, data_dir or config.data_dir, seed=config.seed)
+        x = data.x_test if data.x_test.shape[0] else data.x_train
+        if data.dim != model.x_dim:
+            raise ValueError(f"{dataset}: rows of D = {data.dim}, but the run's model takes D = {model.x_dim}")
+        if model.likelihood == "bernoulli" and data.kind == "real":
+            lo, hi = value_range(x)
+            raise ValueError(f"{dataset}: values in [{lo:g}, {hi:g}], but the run's model is Bernoulli and "
+                             "needs data in [0, 1]")
+    prepare = make_prepare(config.binarize, config.threshold, model.likelihood, data.kind, model.dtype)
+    return PreparedRows(x, prepare, prepare.noise(np.random.default_rng([seed, 4])))
 
 
 def reference_step(model, optimizer, prepare, objective="elbo", k=1):

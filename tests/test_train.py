@@ -406,6 +406,30 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert int(ckpt.read_state(run / "checkpoint.npz")["epoch"]) == 2
 
 
+def test_cli_eval_on_a_users_array_is_eval_on_the_same_rows_and_checks_the_file(tmp_path, capsys):
+    Trainer(tiny(epochs=1), tmp_path / "run", quiet=True).run()
+    from npvae import data
+    rows = data.load("shapes", seed=3).x_test[:300]
+    np.save(tmp_path / "test.npy", rows)   # the run's own test rows, bool
+    figures = []
+    for extra in ((), ("--dataset", str(tmp_path / "test.npy"))):
+        assert main(["eval", str(tmp_path / "run"), "--n", "300", "--k", "4", "--json", "--quiet", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        figures.append({key: v for key, v in result.items() if not key.endswith("seconds")})
+    assert figures[0] == figures[1] and figures[0]["n"] == 300
+    # 3-D images are flattened; a .npz's x_test is what is evaluated
+    np.savez(tmp_path / "test.npz", x_train=rows[:10].reshape(10, 28, 28), x_test=rows[:50].reshape(50, 28, 28))
+    assert main(["eval", str(tmp_path / "run"), "--json", "--dataset", str(tmp_path / "test.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 50
+    np.save(tmp_path / "narrow.npy", np.zeros((5, 30), np.float32))
+    np.save(tmp_path / "real.npy", np.full((5, 784), 2.5, np.float32))
+    for name, problem in (("narrow.npy", "D = 30, but the run's model takes D = 784"),
+                          ("real.npy", "values in [2.5, 2.5], but the run's model is Bernoulli")):
+        assert main(["eval", str(tmp_path / "run"), "--dataset", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and problem in err, err
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     r = run_cli("train", "--dataset", "nope", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
