@@ -404,6 +404,10 @@ def cmd_plot(args):
 
 def cmd_bench(args):
     from .engine import bench
+    if args.big:
+        results = bench.bench_big(args.data_dir, args.big_gb, args.big_dir, args.threads, args.backend)
+        print(bench.main_json(results) if args.json else bench.format_results(results))
+        return 0
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
                         memory=not args.no_memory, threads=args.threads, runs=args.runs,
                         backend=args.backend)
@@ -541,6 +545,13 @@ def build_parser():
     p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="threads or helper processes for training, as in npvae train")
+    p.add_argument("--big", action="store_true",
+                   help="instead: train one epoch (784-400-20) on a uint8 .npy of --big-gb GB written to a temporary "
+                        "file and read from disk, and one on MNIST in memory; report images/s and peak anonymous "
+                        "memory (RssAnon, where /proc has it) of each; the file is removed afterwards")
+    p.add_argument("--big-gb", type=positive_float, default=2.0, metavar="GB",
+                   help="size of the --big file (default 2)")
+    p.add_argument("--big-dir", metavar="DIR", help="folder for the --big file (default: the temporary folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
     return parser
