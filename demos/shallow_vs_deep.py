@@ -52,7 +52,7 @@ def main():
                          likelihood="gaussian", x_sigma=None, lr=LR, lr_schedule="exponential",
                          lr_final=LR_FINAL, warmup=min(WARMUP, epochs / 2), seed=SEED)
     trainer = Trainer(config, args.out / "run", quiet=True)
-    x_train, x_test = trainer.x_train.astype(np.float64), trainer.data.x_test.astype(np.float64)
+    x_train, x_test = np.asarray(trainer.x_train, np.float64), trainer.data.x_test.astype(np.float64)
     t = time.perf_counter()
     gmm = GaussianMixture(N_COMPONENTS, seed=SEED).fit(x_train)
     print(f"{DATASET}: {len(x_train)} training and {len(x_test)} test points")

@@ -266,13 +266,14 @@ def cmd_eval(args):
     from . import evaluate
     from .engine.evaluate import log_likelihood
     model, run_config = _load_run(args.run, args.which)
-    from .train import TrainConfig, test_set
+    from .train import TrainConfig, test_rows
     config = TrainConfig.from_dict(run_config["train"])
-    x = test_set(config, model, args.data_dir, args.seed)
+    # prepared as read, a slice at a time: a test set of any length takes the memory of a slice
+    x = test_rows(config, model, args.data_dir, args.seed, args.dataset)
     if args.n is not None:
-        x = x[:args.n]
+        x = x.first(args.n)
     if config.inference != "amortized":
-        return _eval_inference(args, model, config, x)
+        return _eval_inference(args, model, config, np.asarray(x))
     result = evaluate.elbo_stats(model, x, np.random.default_rng([args.seed, 5]))
     if hasattr(model, "layers"):   # a HierarchicalVAE: per layer, bottom first
         from .hierarchical import active_units
@@ -405,6 +406,10 @@ def cmd_plot(args):
 
 def cmd_bench(args):
     from .engine import bench
+    if args.big:
+        results = bench.bench_big(args.data_dir, args.big_gb, args.big_dir, args.threads, args.backend)
+        print(bench.main_json(results) if args.json else bench.format_results(results))
+        return 0
     results = bench.run(data_dir=args.data_dir, repeats=args.repeats, quick=args.quick,
                         memory=not args.no_memory, threads=args.threads, runs=args.runs,
                         backend=args.backend)
@@ -503,6 +508,9 @@ def build_parser():
         p.add_argument("--seed", type=int, default=0, help="seed for the noise (default 0)")
         if name == "eval":
             p.add_argument("--data-dir", help="folder with the datasets (default: the run's, $NPVAE_DATA)")
+            p.add_argument("--dataset", metavar="PATH",
+                           help="evaluate on this .npy/.npz instead of the run's test set (a .npz's x_test, "
+                                "else every row), read a slice at a time: any length, checked as npvae train checks it")
             p.add_argument("--n", type=positive_int, help="evaluate only the first N test examples")
             p.add_argument("--k", type=positive_int, nargs="?", const=5000,
                            help="also estimate log p(x) by importance sampling with K samples (--k alone: 5000); "
@@ -542,6 +550,13 @@ def build_parser():
     p.add_argument("--threads", type=_threads, default="auto", help="threads for training and log p(x), as in npvae train")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="threads or helper processes for training, as in npvae train")
+    p.add_argument("--big", action="store_true",
+                   help="instead: train one epoch (784-400-20) on a uint8 .npy of --big-gb GB written to a temporary "
+                        "file and read from disk, and one on MNIST in memory; report images/s and peak anonymous "
+                        "memory (RssAnon, where /proc has it) of each; the file is removed afterwards")
+    p.add_argument("--big-gb", type=positive_float, default=2.0, metavar="GB",
+                   help="size of the --big file (default 2)")
+    p.add_argument("--big-dir", metavar="DIR", help="folder for the --big file (default: the temporary folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
     return parser

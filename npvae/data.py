@@ -212,8 +212,59 @@ def _check_probabilities(x):
         raise TypeError(f"binarize: x must be a 2-D float32 or float64 array of probabilities (see to_float), got {_describe(x)}")
 
 
+class Rows:
+    """The rows x[index] of stored rows x (N, D), held as the index: a split of a memory-mapped set copies nothing.
+
+    rows[key] is x[index[key]], the key's rows read from x (key: an int, a slice or an index array,
+    or a tuple of one and column keys);
+    len(rows), rows.shape (M, D) and rows.dtype are those of x[index], and np.asarray(rows) reads every row.
+    rows.subset(key) is Rows(x, index[key]), again without reading x.
+    """
+
+    def __init__(self, x, index):
+        index = np.asarray(index)
+        if index.ndim != 1 or index.dtype.kind not in "iu":
+            raise TypeError(f"Rows: index must be a 1-D array of integers, got {_describe(index)}")
+        self.x, self.index = x, index
+
+    @property
+    def shape(self):
+        return (self.index.shape[0],) + self.x.shape[1:]
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    @property
+    def ndim(self):
+        return self.x.ndim
+
+    def __len__(self):
+        return self.index.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):   # rows[i, j]: the rows of i, then j within them
+            rows = self[key[0]]
+            return rows[((slice(None),) if rows.ndim == self.ndim else ()) + key[1:]]
+        return self.x[self.index[key]]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self.x[self.index]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def subset(self, key):
+        return Rows(self.x, self.index[key])
+
+    def __repr__(self):
+        return f"Rows({self.shape} {self.dtype} of {type(self.x).__name__} {self.x.shape})"
+
+
 def split_validation(dataset, n_valid, seed):
-    """Hold out a validation set: -> x_train (N - n_valid, D), y_train, x_valid (n_valid, D), y_valid."""
+    """Hold out a validation set: -> x_train Rows (N - n_valid, D), y_train, x_valid Rows (n_valid, D), y_valid.
+
+    The x parts are Rows of dataset.x_train (or of dataset.x_valid): indices, not copies, so that
+    a memory-mapped set larger than memory can be split. Labels, 8 bytes a row, are copied.
+    """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"split_validation expects a Dataset, got {type(dataset).__name__}")
     if isinstance(n_valid, bool) or not isinstance(n_valid, (int, np.integer)):
@@ -223,14 +274,20 @@ def split_validation(dataset, n_valid, seed):
         raise ValueError(f"n_valid must be in [0, {n}) for {dataset.name!r} with {n} training examples, got {n_valid}")
     if dataset.x_valid is not None:
         # a published validation split makes results comparable across papers, so it wins over n_valid and seed
-        return dataset.x_train, dataset.y_train, dataset.x_valid, dataset.y_valid
+        return (Rows(dataset.x_train, np.arange(n)), dataset.y_train,
+                Rows(dataset.x_valid, np.arange(dataset.x_valid.shape[0])), dataset.y_valid)
     order = np.random.default_rng(seed).permutation(n)
     # sorted indices keep reads of a memory-mapped array sequential
-    valid, train = np.sort(order[:n_valid]), np.sort(order[n_valid:])
+    valid = np.sort(order[:n_valid])
+    del order   # the training rows are the rest, sorted: a mask finds them without a second (N,) sort
+    kept = np.ones(n, dtype=bool)
+    kept[valid] = False
+    train = np.flatnonzero(kept)
+    del kept
     x, y = dataset.x_train, dataset.y_train
     if y is None:
-        return x[train], None, x[valid], None
-    return x[train], y[train], x[valid], y[valid]
+        return Rows(x, train), None, Rows(x, valid), None
+    return Rows(x, train), y[train], Rows(x, valid), y[valid]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,17 +638,30 @@ def _kind_of(path, arrays):
 
 
 def _check_x(path, key, x, allow_empty):
-    """An x array must be 2-D, numeric, non-empty (train) and the right width."""
+    """An x array must be numeric, non-empty (train), 2-D (N, D) or 3-D images (N, rows, cols): -> (N, D), a view."""
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{path}: {key} must be numeric (bool, int or float), got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{path}: {key} must be 2-D (N, D), got shape {x.shape}; reshape to (N, -1) first")
-    if x.shape[1] < 1 or (x.shape[0] < 1 and not allow_empty):
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{path}: {key} must be 2-D (N, D) or 3-D images (N, rows, cols), got shape {x.shape}; "
+                         "reshape to (N, -1) first")
+    if min(x.shape[1:]) < 1 or (x.shape[0] < 1 and not allow_empty):
         raise ValueError(f"{path}: {key} has shape {x.shape}, expected at least one row and one column")
+    if x.ndim == 3:
+        # each image's rows must follow one another in memory, or reshape would copy (a 3-D file larger
+        # than memory must stay on disk)
+        if x.shape[1] > 1 and x.shape[2] > 1 and x.strides[1] != x.shape[2] * x.strides[2]:
+            raise ValueError(f"{path}: {key} of shape {x.shape} is not stored image by image (Fortran order?), "
+                             "so it cannot be flattened without a copy; save it with np.ascontiguousarray")
+        x = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+    return x
 
 
 def load_array(path, image_shape=None):
-    """A user's (N, D) data from .npy (memory-mapped, x_test empty (0, D)) or .npz (x_train and optional keys)."""
+    """A user's (N, D) data from .npy (memory-mapped, x_test empty (0, D)) or .npz (x_train and optional keys).
+
+    Images stored 3-D, (N, rows, cols), are flattened to (N, rows * cols) as a view (a memory-mapped
+    file stays on disk), and give the image_shape when none is passed.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path).expanduser()
@@ -620,12 +690,12 @@ def load_array(path, image_shape=None):
     else:
         raise ValueError(f"{path}: expected a .npy or .npz file")
 
-    x_train = arrays["x_train"]
-    _check_x(path, "x_train", x_train, allow_empty=False)
+    if image_shape is None and arrays["x_train"].ndim == 3:
+        image_shape = arrays["x_train"].shape[1:]   # (N, rows, cols), as Keras' mnist.npz stores its images
+    x_train = arrays["x_train"] = _check_x(path, "x_train", arrays["x_train"], allow_empty=False)
     for key in ("x_test", "x_valid"):
         if key in arrays:
-            x = arrays[key]
-            _check_x(path, key, x, allow_empty=True)
+            x = arrays[key] = _check_x(path, key, arrays[key], allow_empty=True)
             if x.shape[1] != x_train.shape[1] or x.dtype != x_train.dtype:
                 raise ValueError(
                     f"{path}: {key} is {_describe(x)}, but x_train is {_describe(x_train)}; D and dtype must agree"

@@ -40,14 +40,24 @@ def batches(n, batch_size):
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+def _check_stored(x, name="x"):
+    """x must be non-empty (N, D) rows; they are read batch by batch, never all at once -> x's shape."""
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "__getitem__"):
+        raise TypeError(f"{name} must be an (N, D) array, or rows that slice into arrays, got {type(x).__name__}")
+    if len(shape) != 2 or shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {tuple(shape)}")
+    return tuple(shape)
+
+
 def elbo_stats(model, x, rng, batch_size=1000):
     """Mean ELBO, reconstruction log p(x|z) and KL over x (N, D), one sample of z per example.
 
+    x is read batch_size rows at a time, so it may be larger than memory: a memory-mapped
+    array, or rows prepared as they are read (engine.binarize.PreparedRows).
     Returns a dict with keys elbo, recon, kl (nats per example, as floats) and n.
     """
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty (N, D) array, got shape {x.shape}")
+    _check_stored(x)
     sums = np.zeros(2)
     for s in batches(x.shape[0], batch_size):
         log_px_z, kl = model.elbo_terms(x[s], rng=rng)
@@ -155,9 +165,10 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
             yield eps, z, _log_px_z_samples(model, xb, z)
 
     for s in batches(N, B_):
-        mu, log_sigma = _encode_q(model, x, q, s)           # each x is encoded once
+        xb = model._as_x(x[s])                               # x is read a batch at a time
+        mu, log_sigma = model._encode(xb) if q is None else (q[0][s], q[1][s])   # each x is encoded once
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
-        yield s, mu, log_sigma, chunks(x[s], mu, log_sigma, streams)
+        yield s, mu, log_sigma, chunks(xb, mu, log_sigma, streams)
 
 
 # --- log p(x) by importance sampling -----------------------------------------------------------
@@ -172,17 +183,18 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
     combines the chunks with a running log-sum-exp in float64; the network runs
     in the model's dtype. progress(done, N) is called after each batch. Each
     example draws its noise from its own stream (_sample_batches), so the
-    estimates do not depend on how the examples are batched or split.
+    estimates do not depend on how the examples are batched or split. x is
+    read a batch at a time (as in elbo_stats): it may be larger than memory.
     """
     k = _check_positive_int("k", k)
-    x = model._as_x(x)
+    N = _check_stored(x)[0]
     rng = _check_rng(rng)
-    q = None if q is None else _check_q(model, q, x.shape[0])
-    return log_likelihood_of_seeds(model, x, k, _noise_seeds(rng, x.shape[0]), q, batch_size, chunk, progress)
+    q = None if q is None else _check_q(model, q, N)
+    return log_likelihood_of_seeds(model, x, k, _noise_seeds(rng, N), q, batch_size, chunk, progress)
 
 
 def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=None, progress=None):
-    """log_likelihood's estimates for checked x (n, D) whose examples draw from the streams of seeds (n,)."""
+    """log_likelihood's estimates for x (n, D), read a batch at a time, whose examples draw from the streams of seeds (n,)."""
     if q is None and model.posterior != "diagonal":
         return _log_likelihood_sampled(model, x, k, seeds, batch_size, chunk, progress)
     log_px = np.empty(x.shape[0])
@@ -209,7 +221,8 @@ def _log_likelihood_sampled(model, x, k, seeds, batch_size=None, chunk=None, pro
     B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
     log_px = np.empty(N)
     for s in batches(N, B_):
-        mu, log_sigma, heads = model._encode_all(x[s])
+        xs = model._as_x(x[s])                                            # a batch of x, read now
+        mu, log_sigma, heads = model._encode_all(xs)
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
         total = np.full(s.stop - s.start, -np.inf)
         for start in range(0, k, K_):
@@ -217,7 +230,7 @@ def _log_likelihood_sampled(model, x, k, seeds, batch_size=None, chunk=None, pro
             for e, g in zip(eps, streams):
                 g.standard_normal(dtype=model.dtype, out=e)
             z, log_q, _ = model.q.sample(mu, log_sigma, heads, model.params, eps)      # (b, K', Z), (b, K')
-            log_w = (_log_px_z_samples(model, x[s], z).astype(np.float64)
+            log_w = (_log_px_z_samples(model, xs, z).astype(np.float64)
                      + dist.standard_normal_log_prob(z.astype(np.float64)) - log_q.astype(np.float64))
             total = np.logaddexp(total, logsumexp(log_w, axis=1))
         log_px[s] = total - math.log(k)
@@ -577,7 +590,27 @@ def active_units(model, x, threshold=0.01, batch_size=1000):
     Burda et al. (2015): a unit whose posterior mean does not move with x carries
     no information about x, however the KL treats it.
     """
-    x = model._as_x(x)
-    mu = np.concatenate([model._encode(x[s])[0] for s in batches(x.shape[0], batch_size)])  # (N, Z)
-    variances = np.var(mu.astype(np.float64), axis=0)
+    N = _check_stored(x)[0]
+    variances = column_variance(model._encode(model._as_x(x[s]))[0] for s in batches(N, batch_size))
     return int(np.sum(variances > threshold)), variances
+
+
+def column_variance(blocks):
+    """Var over rows of the (b, Z) blocks stacked, in float64, one block at a time: -> (Z,).
+
+    Chan, Golub & LeVeque's pairwise update: with n rows seen (mean m, sum of squared
+    deviations M2) and a block of b (mean m_b, M2_b), d = m_b - m,
+        m  <- m + d b / (n + b),    M2 <- M2 + M2_b + d^2 n b / (n + b),
+    and the variance is M2 / n at the end: what np.var of the whole gives, to rounding,
+    without the (N, Z) array.
+    """
+    n, mean, m2 = 0, 0.0, 0.0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        b = block.shape[0]
+        block_mean = block.mean(axis=0)
+        d = block_mean - mean
+        mean = mean + d * (b / (n + b))
+        m2 = m2 + ((block - block_mean) ** 2).sum(axis=0) + d * d * (n * b / (n + b))
+        n += b
+    return m2 / n

@@ -377,23 +377,22 @@ def active_units(model, x, threshold=0.01, n_samples=100, rng=None, batch_size=5
     E_q[z_1|x] = mu_1(x) exactly; E_q[z_l|x] = E_{q(z_{l-1}|x)}[mu_l(z_{l-1})]
     for l >= 2 is averaged over n_samples draws of the chain below.
     """
-    from .evaluate import batches, _check_rng
-    x = model._as_x(x)
+    from .evaluate import _check_rng, _check_stored, batches, column_variance
+    N = _check_stored(x)[0]
     rng = _check_rng(np.random.default_rng(0) if rng is None else rng)
-    means = [[] for _ in model.layers]
-    for s in batches(x.shape[0], batch_size):
-        mu, log_sigma = model._encode(x[s])                                   # (b, Z_1)
-        means[0].append(mu)
-        b = mu.shape[0]
-        z = dist.reparameterize(mu[:, None], log_sigma[:, None],
-                                rng.standard_normal((b, n_samples, mu.shape[1]), dtype=model.dtype))
-        z = z.reshape(b * n_samples, -1)
-        for l, net in enumerate(model.q_nets, start=2):
-            mu, log_sigma = model._gaussian_net(net, z)                       # (b S, Z_l)
-            means[l - 1].append(mu.reshape(b, n_samples, -1).mean(axis=1))
-            z = dist.reparameterize(mu, log_sigma, rng.standard_normal(mu.shape, dtype=model.dtype))
-    out = []
-    for m in means:
-        variances = np.var(np.concatenate(m).astype(np.float64), axis=0)
-        out.append((int(np.sum(variances > threshold)), variances))
-    return out
+
+    def means():   # per batch of x (read a batch at a time): [E_q[z_1|x] | E_q[z_2|x] | ...], (b, sum of Z_l)
+        for s in batches(N, batch_size):
+            mu, log_sigma = model._encode(model._as_x(x[s]))                  # (b, Z_1)
+            layers = [mu]
+            b = mu.shape[0]
+            z = dist.reparameterize(mu[:, None], log_sigma[:, None],
+                                    rng.standard_normal((b, n_samples, mu.shape[1]), dtype=model.dtype))
+            z = z.reshape(b * n_samples, -1)
+            for net in model.q_nets:
+                mu, log_sigma = model._gaussian_net(net, z)                   # (b S, Z_l)
+                layers.append(mu.reshape(b, n_samples, -1).mean(axis=1))
+                z = dist.reparameterize(mu, log_sigma, rng.standard_normal(mu.shape, dtype=model.dtype))
+            yield np.concatenate(layers, axis=1)
+    variances = np.split(column_variance(means()), np.cumsum(model.z_dims)[:-1])
+    return [(int(np.sum(v > threshold)), v) for v in variances]

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import data as datasets
 from . import inference as inference_lib
 from .engine import parallel
-from .engine.binarize import make_prepare, prepare_batch
+from .engine.binarize import PreparedRows, make_prepare, prepare_batch
 from .engine.model import FastVAE
 from .engine.optim import FlatAdam
 from .engine.step import make_step
@@ -196,14 +196,24 @@ class Progress:
 
 
 def column_mean_std(x, dtype=np.float64, chunk=10000):
-    """Per-dimension mean and standard deviation of stored rows, in chunks (x may be memory-mapped)."""
+    """Per-dimension mean and standard deviation of stored rows, in chunks (x may be memory-mapped, or data.Rows)."""
     s = np.zeros(x.shape[1]), np.zeros(x.shape[1])
     for i in range(0, x.shape[0], chunk):
         c = datasets.to_float(x[i:i + chunk], dtype)
         s[0][...] += c.sum(axis=0)
-        s[1][...] += (c * c).sum(axis=0)
+        c *= c   # in place: a chunk of float64 rows is 63 MB at D = 784
+        s[1][...] += c.sum(axis=0)
     mean = s[0] / x.shape[0]
     return mean, np.sqrt(np.maximum(s[1] / x.shape[0] - mean * mean, 0.0))
+
+
+def value_range(x, chunk=10000):
+    """(min, max) of stored rows x (N, D) as floats, in chunks of rows (x may be memory-mapped)."""
+    lo, hi = math.inf, -math.inf
+    for i in range(0, x.shape[0], chunk):
+        c = x[i:i + chunk]
+        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+    return lo, hi
 
 
 def init_output_bias(model, x):
@@ -223,17 +233,36 @@ HISTORY_KEYS = ("epoch", "lr", "beta", "train_elbo", "train_recon", "train_kl",
 
 
 def test_set(config, model, data_dir=None, seed=0):
-    """The test images of a run with this TrainConfig, as the model sees them.
+    """The test images of a run with this TrainConfig, as the model sees them (all in memory: see test_rows)."""
+    return np.asarray(test_rows(config, model, data_dir, seed))
+
+
+def test_rows(config, model, data_dir=None, seed=0, dataset=None):
+    """The test images of a run with this TrainConfig as PreparedRows: prepared a slice at a time, as read.
 
     Grey images under a Bernoulli model that trained on dynamic binarization are
     binarized once, with a generator seeded by seed, so that every evaluation
-    of a run scores the same binary images.
+    of a run scores the same binary images. dataset: a .npy/.npz path (or a
+    dataset's name) to evaluate instead of the run's own; its x_test, or all of
+    a .npy's rows (which has no test split).
     """
-    data = datasets.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
-    if data.x_test.shape[0] == 0:
-        raise ValueError(f"dataset {config.dataset} has no test split")
-    return prepare_batch(data.x_test, config, model.likelihood, data.kind, model.dtype,
-                         np.random.default_rng([seed, 4]))
+    if dataset is None:
+        data = datasets.load(config.dataset, data_dir or config.data_dir, seed=config.seed)
+        if data.x_test.shape[0] == 0:
+            raise ValueError(f"dataset {config.dataset} has no test split; evaluate the run on "
+                             f"other data with --dataset PATH.npy")
+        x = data.x_test
+    else:
+        data = datasets.load(dataset, data_dir or config.data_dir, seed=config.seed)
+        x = data.x_test if data.x_test.shape[0] else data.x_train
+        if data.dim != model.x_dim:
+            raise ValueError(f"{dataset}: rows of D = {data.dim}, but the run's model takes D = {model.x_dim}")
+        if model.likelihood == "bernoulli" and data.kind == "real":
+            lo, hi = value_range(x)
+            raise ValueError(f"{dataset}: values in [{lo:g}, {hi:g}], but the run's model is Bernoulli and "
+                             "needs data in [0, 1]")
+    prepare = make_prepare(config.binarize, config.threshold, model.likelihood, data.kind, model.dtype)
+    return PreparedRows(x, prepare, prepare.noise(np.random.default_rng([seed, 4])))
 
 
 def reference_step(model, optimizer, prepare, objective="elbo", k=1):
@@ -311,14 +340,16 @@ class Trainer:
         n_valid = config.n_valid if config.n_valid is not None else max(1, min(5000, n // 10))
         self.x_train, self.y_train, self.x_valid, self.y_valid = datasets.split_validation(
             self.data, n_valid, config.seed)
+        # x_train and x_valid are data.Rows: indices into the stored rows, which stay where they
+        # are (on disk, for a memory-mapped .npy); each minibatch reads its own rows
         if config.n_train is not None:
-            self.x_train = self.x_train[:config.n_train]
+            self.x_train = self.x_train.subset(slice(None, config.n_train))
             self.y_train = None if self.y_train is None else self.y_train[:config.n_train]
         if config.batch_size > self.x_train.shape[0]:
             raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
                              f"({self.x_train.shape[0]} examples)")
         if self.likelihood == "bernoulli" and self.data.kind == "real":
-            lo, hi = float(np.min(self.x_train)), float(np.max(self.x_train))
+            lo, hi = value_range(self.x_train)
             if lo < 0 or hi > 1:
                 raise ValueError(f"likelihood 'bernoulli' needs data in [0, 1]; {config.dataset} "
                                  f"has values in [{lo:g}, {hi:g}] (use --likelihood gaussian)")
@@ -367,7 +398,7 @@ class Trainer:
         self.rng = np.random.default_rng([config.seed, 1])  # shuffling, binarization, eps
         # The validation set is binarized once, and scored with the same eps
         # every epoch, so that epochs are compared on equal terms.
-        self.valid = prepare_batch(self.x_valid, config, self.likelihood, self.data.kind,
+        self.valid = prepare_batch(np.asarray(self.x_valid), config, self.likelihood, self.data.kind,
                                    self.model.dtype, np.random.default_rng([config.seed, 2]))
         self.epoch, self.step = 0, 0
         self.history = {k: [] for k in HISTORY_KEYS}

@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -556,7 +557,8 @@ def test_load_array_uint8_zero_one_warns(tmp_path):
     "x, problem",
     [
         (np.zeros(5), "2-D"),
-        (np.zeros((2, 3, 4)), "2-D"),
+        (np.zeros((2, 3, 4, 1)), "2-D (N, D) or 3-D images"),
+        (np.zeros((2, 3, 4), order="F"), "Fortran order"),   # flattening it would copy it
         (np.zeros((0, 3)), "at least one row"),
         (np.zeros((2, 3), complex), "numeric"),
         (np.array([[0.0, np.nan], [1.0, 2.0]]), "non-finite"),
@@ -568,6 +570,25 @@ def test_load_array_refuses(tmp_path, x, problem):
     with pytest.raises(ValueError) as excinfo:
         data.load_array(tmp_path / "bad.npy")
     assert_message(excinfo, "bad.npy", problem)
+
+
+def test_load_array_flattens_3d_images_as_a_view_of_the_file(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 5), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    ds = data.load_array(tmp_path / "images.npy")
+    assert isinstance(ds.x_train, np.memmap) and Path(ds.x_train.filename) == tmp_path / "images.npy"
+    assert ds.x_train.shape == (6, 20) and ds.image_shape == (4, 5) and ds.kind == "grey"
+    np.testing.assert_array_equal(ds.x_train, images.reshape(6, 20))
+    # Keras' layout: (N, 28, 28) uint8 images and integer labels under x_train, y_train, x_test, y_test
+    np.savez(tmp_path / "keras.npz", x_train=images, y_train=np.arange(6), x_test=images[:2], y_test=np.arange(2))
+    ds = data.load_array(tmp_path / "keras.npz")
+    assert ds.x_train.shape == (6, 20) and ds.x_test.shape == (2, 20) and ds.image_shape == (4, 5)
+    np.testing.assert_array_equal(ds.x_test, images[:2].reshape(2, 20))
+    assert ds.y_train.dtype == np.int64 and ds.y_test.tolist() == [0, 1]
+    np.savez(tmp_path / "mixed.npz", x_train=images, x_test=images[:2, :2])
+    with pytest.raises(ValueError) as excinfo:
+        data.load_array(tmp_path / "mixed.npz")
+    assert_message(excinfo, "mixed.npz", "x_test", "D and dtype must agree")
 
 
 def test_load_array_finds_the_bad_row_in_any_memory_order(tmp_path):
@@ -799,7 +820,11 @@ def test_split_validation():
     assert x_train.shape == (40, 2) and x_valid.shape == (10, 2) and y_valid.shape == (10,)
     # labels travel with their rows
     np.testing.assert_array_equal(x_valid[:, 0], 2 * y_valid)
-    np.testing.assert_array_equal(x_train[:, 0], 2 * y_train)
+    assert x_valid[2, 1] == x[x_valid.index[2], 1] and np.asarray(x_valid, np.float64).dtype == np.float64
+    np.testing.assert_array_equal(x_train[:][:, 0], 2 * y_train)
+    np.testing.assert_array_equal(x_train[3:7], x[x_train.index[3:7]])
+    # in increasing row order, so that reading a memory-mapped file goes forward
+    assert (np.diff(x_train.index) > 0).all() and (np.diff(x_valid.index) > 0).all()
     # disjoint, and together they are the whole training set
     assert not set(y_train.tolist()) & set(y_valid.tolist())
     assert sorted(y_train.tolist() + y_valid.tolist()) == list(range(50))
@@ -812,6 +837,26 @@ def test_split_validation():
             data.split_validation(ds, bad, seed=0)
     with pytest.raises(TypeError):
         data.split_validation(ds, 2.0, seed=0)
+
+
+def test_split_validation_of_a_memory_mapped_set_copies_no_row(tmp_path):
+    # a split that copied x[train] would need memory for the whole training set (the bug of issue 31)
+    x = np.random.default_rng(0).integers(0, 256, (4000, 784), dtype=np.uint8)   # 3 MB
+    np.save(tmp_path / "big.npy", x)
+    ds = data.load_array(tmp_path / "big.npy")
+    tracemalloc.start()
+    x_train, _, x_valid, _ = data.split_validation(ds, 400, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 20   # the indices (8 bytes a row) and a mask, not the rows' 784 bytes
+    for part in (x_train, x_valid):
+        assert isinstance(part, data.Rows) and part.x is ds.x_train and part.index.dtype.kind == "i"
+    assert x_train.shape == (3600, 784) and x_valid.shape == (400, 784)
+    np.testing.assert_array_equal(x_train[[0, 5, 3599]], x[x_train.index[[0, 5, 3599]]])
+    # the same split as sorting the rest of the seeded permutation (how it was made before)
+    order = np.random.default_rng(0).permutation(4000)
+    np.testing.assert_array_equal(x_train.index, np.sort(order[400:]))
+    np.testing.assert_array_equal(x_valid.index, np.sort(order[:400]))
 
 
 def test_split_validation_keeps_a_predefined_split(tmp_path, no_known_hashes, small_binarized):

@@ -4,6 +4,7 @@ and the own-loop row times the public API's loop.
 No timing is asserted here (timings flake); the speed figures are in the README with their command.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,72 @@ def test_cli_bench_rejects_bad_runs(capsys):
 def test_format_results_shows_every_kind_of_result():
     text = bench.format_results(_fake(2.0, 270.0, 0.1) + [{"name": "memory", "error": "boom"}])
     assert "ratio 2.00" in text and "270 MB" in text and "0.100 s" in text and "error: boom" in text
+
+
+# --- npvae bench --big: a set read from disk ----------------------------------------------------
+
+def test_write_rows_npy_tiles_the_rows_in_order(tmp_path):
+    rows = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    bench.write_rows_npy(tmp_path / "t.npy", rows, 10, chunk_rows=4)   # chunks that cut the tiling
+    x = np.load(tmp_path / "t.npy", mmap_mode="r")
+    assert x.dtype == np.uint8 and x.shape == (10, 4)
+    np.testing.assert_array_equal(x, rows[np.arange(10) % 3])
+
+
+@pytest.fixture
+def small_rows(monkeypatch):
+    rows = (np.random.default_rng(0).random((50, 784)) * 255).astype(np.uint8)
+    monkeypatch.setattr(bench, "_mnist_or_stand_in", lambda data_dir: (rows, "random stand-in"))
+    return rows
+
+
+def test_bench_big_compares_disk_with_memory_and_removes_its_file(tmp_path, monkeypatch, small_rows):
+    seen = []
+
+    def fake_child(dataset, out, data_dir, threads, backend, extra=()):
+        seen.append((Path(dataset), Path(dataset).suffix == ".npy" and np.load(dataset, mmap_mode="r").shape))
+        return (30000.0, 250.0, 5.0) if Path(dataset).suffix == ".npy" else (32000.0, None, 5.0)
+    monkeypatch.setattr(bench, "_train_child", fake_child)
+    memory, disk = bench.bench_big(gigabytes=0.002, directory=tmp_path)
+    assert seen[0][1] == (2551, 784) and seen[1][0].suffix == ".npz"   # the stand-in held in memory
+    assert list(tmp_path.iterdir()) == []   # the file and its folder are gone
+    assert disk["ratio_to_memory"] == pytest.approx(30000 / 32000) and disk["target_ratio_to_memory"] == 0.9
+    assert disk["anon_megabytes"] == 250.0 and disk["target_anon_megabytes"] == 400
+    text = bench.format_results([memory, disk])
+    assert "not available" in text and "2.0 MB uint8 .npy, 2551 rows" in text and "0.94 of in memory" in text
+
+
+def test_bench_big_removes_its_file_on_ctrl_c_and_reports_a_failed_run(tmp_path, monkeypatch, small_rows):
+    def interrupted(dataset, *args, **kwargs):
+        assert Path(dataset).stat().st_size > 0
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "_train_child", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_big(gigabytes=0.001, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(bench, "_train_child", lambda dataset, *a, **k: "npvae train: error: no room")
+    memory, disk = bench.bench_big(gigabytes=0.001, directory=tmp_path)
+    assert disk["error"] == memory["error"] == "npvae train: error: no room" and "ratio_to_memory" not in disk
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bench_big_trains_a_tiny_file_from_disk_in_a_child(tmp_path):
+    # the real thing on a 4 MB file and a 784-8-2 model (about 3 s): the child's figures come back
+    memory, disk = bench.bench_big(gigabytes=0.004, directory=tmp_path,
+                                   extra=("--hidden", "8", "--z-dim", "2", "--n-valid", "100"),
+                                   in_memory_extra=("--n-train", "3000"))
+    assert "error" not in memory and "error" not in disk, (memory, disk)
+    assert disk["examples_per_s"] > 0 and disk["ratio_to_memory"] > 0
+    if Path("/proc/self/status").exists():
+        assert 10 < disk["anon_megabytes"] < 400
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bench_big_passes_its_options(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench, "bench_big", lambda *args: calls.append(args) or [
+        {"name": "disk", "examples_per_s": 1.0, "anon_megabytes": 2.0}])
+    assert main(["bench", "--big", "--big-gb", "0.5", "--big-dir", "/somewhere", "--threads", "1", "--json"]) == 0
+    assert calls == [(None, 0.5, "/somewhere", 1, "auto")]
+    assert json.loads(capsys.readouterr().out)[0]["anon_megabytes"] == 2.0

@@ -216,3 +216,22 @@ def test_dynamic_prepare_is_one_key_from_rng_and_the_keyed_draw_of_its_rows(dtyp
     out = np.full((9, 30), np.nan, dtype)
     assert prepare.rows(k, key, 0, out=out) is out
     np.testing.assert_array_equal(out, binarize_bytes(k, key, dtype=dtype))
+
+
+@pytest.mark.parametrize("binarize, likelihood, kind, make", [
+    ("dynamic", "bernoulli", "grey", lambda rng: (rng.random((37, 11)) * 255).astype(np.uint8)),
+    ("dynamic", "bernoulli", "grey", lambda rng: rng.random((37, 11))),
+    ("threshold", "bernoulli", "grey", lambda rng: rng.random((37, 11)).astype(np.float32)),
+    ("none", "gaussian", "real", lambda rng: rng.standard_normal((37, 11)))])
+def test_prepared_rows_in_slices_are_the_rows_prepared_whole(binarize, likelihood, kind, make):
+    from npvae.engine.binarize import PreparedRows
+    stored = make(np.random.default_rng(0))
+    prepare = make_prepare(binarize, 0.5, likelihood, kind, np.float32)
+    whole = prepare(stored, np.random.default_rng([0, 4]))
+    rows = PreparedRows(stored, prepare, prepare.noise(np.random.default_rng([0, 4])))
+    assert rows.shape == stored.shape and rows.dtype == np.float32 and len(rows) == 37
+    assert np.array_equal(np.asarray(rows), whole)
+    assert np.array_equal(np.concatenate([rows[a:a + 10] for a in range(0, 37, 10)]), whole)
+    assert np.array_equal(rows[30:], whole[30:]) and np.array_equal(rows.first(5)[2:], whole[2:5])
+    with pytest.raises(TypeError, match="slices of rows"):
+        rows[3]

@@ -151,3 +151,53 @@ def test_log_likelihood_checks_its_arguments_as_the_reference():
 
 def test_npvae_log_likelihood_is_the_engines():
     assert npvae.log_likelihood is engine.log_likelihood
+
+
+def test_log_likelihood_reads_x_a_block_at_a_time_and_the_blocks_change_nothing(monkeypatch):
+    model, x = small_vae(), rows(23)
+    whole = engine.log_likelihood(model, x, k=6, rng=np.random.default_rng(4), threads=2)
+    reads = []
+
+    class Stored:   # rows that slice into arrays, as PreparedRows or a memory-mapped file do
+        shape = x.shape
+
+        def __getitem__(self, s):
+            reads.append(s.stop - s.start)
+            return x[s]
+    monkeypatch.setattr(engine, "STREAM_ROWS", 5)
+    blocks = engine.log_likelihood(model, Stored(), k=6, rng=np.random.default_rng(4), threads=2)
+    assert reads == [5, 5, 5, 5, 3]
+    np.testing.assert_allclose(blocks, whole, rtol=RTOL[np.float64])   # (a thread's share of a block differs)
+    np.testing.assert_allclose(blocks, reference.log_likelihood(model, x, k=6, rng=np.random.default_rng(4)),
+                               rtol=RTOL[np.float64])
+    done = []
+    engine.log_likelihood(model, Stored(), k=2, rng=np.random.default_rng(4), threads=1,
+                          progress=lambda d, n: done.append((d, n)))
+    assert [d for d, _ in done][-1] == 23 and {n for _, n in done} == {23} and done == sorted(done)
+
+
+def test_evaluating_a_memory_mapped_set_takes_no_more_memory_for_more_rows(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from npvae.engine.binarize import PreparedRows, make_prepare
+    monkeypatch.setattr(engine, "STREAM_ROWS", 500)
+    model = VAE(100, (9,), 3, dtype=np.float64, seed=2)
+    prepare = make_prepare("dynamic", 0.5, "bernoulli", "grey", np.float64)
+    peaks = {}
+    for n in (2000, 4000):   # whole blocks (500) and batches (elbo_stats' 1000), at least two, in both
+        np.save(tmp_path / f"{n}.npy", (np.random.default_rng(0).random((n, 100)) * 255).astype(np.uint8))
+        x = PreparedRows(np.load(tmp_path / f"{n}.npy", mmap_mode="r"), prepare, 12345)
+        tracemalloc.start()
+        engine.log_likelihood(model, x, k=2, rng=np.random.default_rng(0), threads=1)
+        reference.elbo_stats(model, x, np.random.default_rng(0))
+        reference.active_units(model, x)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if n == 2000:   # every figure is the one of the set prepared whole
+            xs = np.asarray(x)
+            assert reference.elbo_stats(model, x, np.random.default_rng(1)) == reference.elbo_stats(
+                model, xs, np.random.default_rng(1))
+            assert reference.active_units(model, x)[0] == reference.active_units(model, xs)[0]
+    # the 2000 rows more would take 1.6 MB prepared at once; read a block at a time, only log p(x)'s
+    # (N,) answer grows (16 kB)
+    assert peaks[4000] - peaks[2000] < 2000 * 100 * 8 / 10, peaks

@@ -19,7 +19,8 @@ from npvae.engine import parallel
 from npvae.engine.binarize import make_prepare
 from npvae.engine.model import FastVAE, SplitBatch
 from npvae.engine.optim import FlatAdam
-from npvae.engine.step import make_step
+from npvae.data import Rows
+from npvae.engine.step import gather, make_step
 from npvae.model import VAE
 from npvae.optim import SGD, Adam
 from npvae.train import TrainConfig, Trainer, reference_step
@@ -377,6 +378,50 @@ def test_a_step_given_an_index_is_the_step_on_those_rows(threads, backend):
     assert np.array_equal(out[0][1], out[1][1])
     with pytest.raises(TypeError, match="index must be a 1-D array of integers"):
         step(x, 1.0, rng, index=np.array([0.5, 1.5]))
+
+
+def test_gather_is_x_index_with_the_rows_read_in_increasing_order(tmp_path, monkeypatch):
+    x = grey_rows(40)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    split = Rows(mapped, np.array([0, 2, 3, 5, 8, 13, 21, 34, 39]))
+    index = np.array([6, 1, 1, 8, 0, 4])           # shuffled, with a repeat
+    reads = []
+    take = np.take
+
+    def spy(a, rows, *args, **kwargs):
+        reads.append(np.asarray(rows))
+        return take(a, rows, *args, **kwargs)
+    monkeypatch.setattr(np, "take", spy)
+    for stored, expected in ((x, x[index]), (mapped, x[index]), (split, x[split.index[index]])):
+        reads.clear()
+        rows = gather(stored, index)
+        assert type(rows) is np.ndarray and rows.dtype == np.uint8 and np.array_equal(rows, expected)
+        assert len(reads) == 1 and (np.diff(reads[0]) >= 0).all()   # forwards through the stored rows
+        out = np.zeros_like(expected)
+        assert gather(stored, index, out=out) is out and np.array_equal(out, expected)
+    with pytest.raises(IndexError):
+        gather(split, np.array([9]))   # past the split's end, though not past the file's
+
+
+@pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
+                                              pytest.param(2, "processes", marks=needs_processes)])
+def test_a_step_on_a_split_is_the_step_on_its_rows(threads, backend):
+    """step(Rows(x, split), ..., index=i), as the Trainer calls it: bit for bit step(x[split[i]], ...)."""
+    x = grey_rows(40)
+    split = Rows(x, np.arange(1, 40, 2))
+    batches = [np.array([5, 17, 3, 0, 9, 11, 2]), np.array([19, 18, 4, 6, 8, 10, 12]), np.array([1, 7, 13, 14])]
+    out = []
+    for lazy in (False, True):
+        m, step = _grey_step(threads, backend)
+        rng = np.random.default_rng(7)
+        with step.session():
+            sums = [step(split, 1.0, rng, index=i, next_index=after) if lazy else step(x[split.index[i]], 1.0, rng)
+                    for i, after in zip(batches, batches[1:] + [None])]
+        out.append((sums, m.flat_params.copy(), rng.random()))
+        step.close()
+    assert out[0][0] == out[1][0] and out[0][2] == out[1][2]
+    assert np.array_equal(out[0][1], out[1][1])
 
 
 def _grey_step(threads, backend):

@@ -154,6 +154,94 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, engine):
     assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
 
 
+# --- a stored set trained from disk (issue 31) ---------------------------------------------
+
+def grey_npy(path, n=800, d=196, seed=0):
+    """A uint8 .npy of n grey images (mostly dark, like MNIST): -> its path, opened memory-mapped by npvae."""
+    x = (np.random.default_rng(seed).random((n, d)) ** 4 * 255).astype(np.uint8)
+    np.save(path, x)
+    return str(path)
+
+
+def copying_split(dataset, n_valid, seed):
+    """data.split_validation as it was before issue 31: the rows copied out by fancy indexing."""
+    n = dataset.x_train.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    valid, train = np.sort(order[:n_valid]), np.sort(order[n_valid:])
+    return dataset.x_train[train], None, dataset.x_train[valid], None
+
+
+def test_trainer_split_of_a_memory_mapped_set_is_an_index_not_a_copy(tmp_path, monkeypatch):
+    x = np.tile((np.random.default_rng(0).random((1000, 784)) ** 4 * 255).astype(np.uint8), (40, 1))   # 31 MB
+    np.save(tmp_path / "big.npy", x)
+    import tracemalloc
+
+    from npvae import data
+    load = data.load
+
+    def load_then_reset(*args, **kwargs):   # count what the Trainer does with the set, not the file scan's chunks
+        loaded = load(*args, **kwargs)
+        tracemalloc.reset_peak()
+        return loaded
+    monkeypatch.setattr(data, "load", load_then_reset)
+    tracemalloc.start()
+    t = Trainer(tiny(dataset=str(tmp_path / "big.npy"), n_train=None, init_bias=False), tmp_path / "run",
+                quiet=True, threads=1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    from npvae.data import Rows
+    assert isinstance(t.data.x_train, np.memmap)
+    assert isinstance(t.x_train, Rows) and t.x_train.x is t.data.x_train and t.x_train.shape == (39800, 784)
+    assert isinstance(t.x_valid, Rows) and t.x_valid.x is t.data.x_train
+    # the indices (8 bytes a row), the model and the validation set, not a copy of the rows
+    assert peak < x.nbytes / 4, peak
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_memory_mapped_set_trains_bit_for_bit_as_the_copied_split_did(tmp_path, monkeypatch, threads):
+    path = grey_npy(tmp_path / "grey.npy")
+    config = dict(dataset=path, n_train=None, n_valid=200, batch_size=64, epochs=2)   # 10 steps an epoch, the last short
+    Trainer(tiny(**config), tmp_path / "disk", quiet=True, threads=threads).run()
+    from npvae import data
+    monkeypatch.setattr(data, "split_validation", copying_split)
+    old = Trainer(tiny(**config), tmp_path / "copied", quiet=True, threads=threads)
+    assert isinstance(old.x_train, np.ndarray) and not isinstance(old.x_train, np.memmap)
+    old.run()
+    assert_identical(params_of(tmp_path / "disk"), params_of(tmp_path / "copied"))
+    disk, copied = (ckpt.read_state(tmp_path / r / "checkpoint.npz") for r in ("disk", "copied"))
+    assert np.array_equal(disk["history/valid_elbo"], copied["history/valid_elbo"])
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_interrupt_and_resume_on_a_memory_mapped_set_is_exact(tmp_path, engine):
+    config = dict(dataset=grey_npy(tmp_path / "grey.npy"), n_train=None, n_valid=200, batch_size=100, epochs=2)
+    Trainer(tiny(**config), tmp_path / "full", quiet=True, engine=engine).run()
+    t = Trainer(tiny(**config), tmp_path / "cut", quiet=True, engine=engine)
+    original, calls = t._step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        sums = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 9:   # in the middle of the second epoch (6 steps per epoch)
+            t._on_sigint(signal.SIGINT, None)
+        return sums
+    step_then_interrupt.session, step_then_interrupt.close = original.session, original.close
+    t._step = step_then_interrupt
+    assert t.run() == "interrupted"
+    assert int(ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")["step"]) == 3
+    Trainer.resume(tmp_path / "cut", quiet=True).run()
+    assert_identical(params_of(tmp_path / "full"), params_of(tmp_path / "cut"))
+
+
+def test_a_real_valued_memory_mapped_set_out_of_range_for_bernoulli_is_one_line(tmp_path):
+    x = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "real.npy", x)
+    with pytest.raises(ValueError, match=r"real.npy has values in \[-[0-9.]+, [0-9.]+\] \(use --likelihood gaussian\)"):
+        Trainer(tiny(dataset=str(tmp_path / "real.npy"), likelihood="bernoulli", n_train=None), tmp_path / "r")
+    lo, hi = Trainer(tiny(dataset=str(tmp_path / "real.npy"), n_train=None), tmp_path / "g").x_train[:].min(), x.max()
+    assert lo >= x.min() and hi == x.max()
+
+
 @pytest.mark.parametrize("dataset, binarize", [("shapes", "dynamic"), ("pinwheel", "none")])
 def test_the_reference_engine_trains_the_same_run_as_the_fast_one(tmp_path, dataset, binarize):
     # In float64 the two engines' runs agree to rounding, and write the same kind of run directory.
@@ -316,6 +404,30 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     # --resume extends it
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--no-plots"]) == 0
     assert int(ckpt.read_state(run / "checkpoint.npz")["epoch"]) == 2
+
+
+def test_cli_eval_on_a_users_array_is_eval_on_the_same_rows_and_checks_the_file(tmp_path, capsys):
+    Trainer(tiny(epochs=1), tmp_path / "run", quiet=True).run()
+    from npvae import data
+    rows = data.load("shapes", seed=3).x_test[:300]
+    np.save(tmp_path / "test.npy", rows)   # the run's own test rows, bool
+    figures = []
+    for extra in ((), ("--dataset", str(tmp_path / "test.npy"))):
+        assert main(["eval", str(tmp_path / "run"), "--n", "300", "--k", "4", "--json", "--quiet", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        figures.append({key: v for key, v in result.items() if not key.endswith("seconds")})
+    assert figures[0] == figures[1] and figures[0]["n"] == 300
+    # 3-D images are flattened; a .npz's x_test is what is evaluated
+    np.savez(tmp_path / "test.npz", x_train=rows[:10].reshape(10, 28, 28), x_test=rows[:50].reshape(50, 28, 28))
+    assert main(["eval", str(tmp_path / "run"), "--json", "--dataset", str(tmp_path / "test.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 50
+    np.save(tmp_path / "narrow.npy", np.zeros((5, 30), np.float32))
+    np.save(tmp_path / "real.npy", np.full((5, 784), 2.5, np.float32))
+    for name, problem in (("narrow.npy", "D = 30, but the run's model takes D = 784"),
+                          ("real.npy", "values in [2.5, 2.5], but the run's model is Bernoulli")):
+        assert main(["eval", str(tmp_path / "run"), "--dataset", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and problem in err, err
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -3,7 +3,9 @@
 The rows: one MNIST epoch by the Trainer's step (the engine) for two
 models; the same epoch by the reference loop a user writes with the public
 API (own_loop); log p(x) with K = 5000; peak memory of npvae train; the
-import time; one hand-off to a helper thread.
+import time; one hand-off to a helper thread. With --big (bench_big),
+instead: one epoch of npvae train on a 2 GB uint8 .npy read from disk,
+against one on MNIST in memory, each with its peak anonymous memory.
 
 The floor of a configuration is the time NumPy takes for exactly the matrix
 products one pass needs (forward, plus the weight and input gradients for
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -218,14 +221,25 @@ def private_kb(pid):  # memory a helper process holds for itself (what it shares
     except (OSError, ValueError):
         return 0
 
-helpers_kb, done = [0], threading.Event()
-def watch():  # the helpers' private memory, sampled every 20 ms
+def anon_kb():  # RssAnon: memory of this process's own, not the page cache of the files it maps
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration, ValueError):  # no /proc (macOS), or a kernel without the line
+        return None
+
+helpers_kb, anon_peak_kb, done = [0], [anon_kb()], threading.Event()
+def watch():  # the helpers' private memory and our RssAnon with theirs, sampled every 20 ms
     while not done.wait(0.02):
         pids = set()
         for path in glob.glob("/proc/self/task/*/children"):
             with open(path) as f:
                 pids.update(f.read().split())
-        helpers_kb[0] = max(helpers_kb[0], sum(private_kb(p) for p in pids))
+        helpers = sum(private_kb(p) for p in pids)
+        helpers_kb[0] = max(helpers_kb[0], helpers)
+        anon = anon_kb()
+        if anon is not None and anon_peak_kb[0] is not None:
+            anon_peak_kb[0] = max(anon_peak_kb[0], anon + helpers)
 threading.Thread(target=watch, daemon=True).start()
 status = main(sys.argv[1:])
 done.set()
@@ -235,7 +249,7 @@ try:  # VmHWM is this program's own peak; ru_maxrss can include the parent's pag
         peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 except (OSError, StopIteration):
     pass
-print("PEAK_KB", peak_kb + helpers_kb[0], helpers_kb[0])
+print("PEAK_KB", peak_kb + helpers_kb[0], helpers_kb[0], "ANON_KB", anon_peak_kb[0])
 sys.exit(status)
 """
 
@@ -256,6 +270,84 @@ def bench_memory(data_dir, epochs=1, backend="auto"):
     total_kb, helpers_kb = (int(v) for v in lines[-1].split()[1:3])
     # the main process's peak plus the most its helper processes held of their own at once
     return {"name": name, "megabytes": total_kb / 1024.0, "helpers_megabytes": helpers_kb / 1024.0}
+
+
+def write_rows_npy(path, rows, n, chunk_rows=65536):
+    """Write a (n, D) .npy of rows tiled over and over (rows (M, D)), chunk by chunk: memory stays flat."""
+    header = {"descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
+              "shape": (n, rows.shape[1])}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, n, chunk_rows):
+            f.write(np.take(rows, np.arange(start, min(start + chunk_rows, n)) % rows.shape[0], axis=0).tobytes())
+
+
+def _train_child(dataset, out, data_dir, threads, backend, extra=()):
+    """`npvae train --dataset ... --epochs 1` in a child process, its memory watched (_PEAK_CHILD)
+    -> (examples/s of the epoch, peak RssAnon in MB or None, helpers' MB) or an error message."""
+    from .. import checkpoint as ckpt
+    cmd = [sys.executable, "-c", _PEAK_CHILD, "train", "--dataset", str(dataset), "--epochs", "1",
+           "--out", str(out), "--quiet", "--no-plots", "--threads", str(threads), "--backend", backend, *extra]
+    if data_dir:
+        cmd += ["--data-dir", str(data_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line.split() for line in r.stdout.splitlines() if line.startswith("PEAK_KB")]
+    if r.returncode != 0 or not lines:
+        return (r.stderr.strip() or r.stdout.strip())[-300:]
+    rate = float(ckpt.read_state(Path(out) / ckpt.LATEST)["history/examples_per_s"][-1])
+    anon = None if lines[-1][4] == "None" else int(lines[-1][4]) / 1024.0
+    return rate, anon, int(lines[-1][2]) / 1024.0
+
+
+def bench_big(data_dir=None, gigabytes=2.0, directory=None, threads="auto", backend="auto", extra=(),
+              in_memory_extra=()):
+    """One epoch of npvae train on a uint8 .npy of about `gigabytes` GB, read from disk, against the
+    same on MNIST held in memory: -> two result dicts, images/s and peak anonymous memory.
+
+    The file (MNIST's training images tiled, or the random stand-in without them) is written to a
+    temporary file in directory (default: the system's temporary folder) and removed afterwards,
+    also on Ctrl-C or a failure. Each run is `npvae train --epochs 1` in a child process, which
+    samples its RssAnon (plus its helper processes' private memory) every 20 ms: memory of its
+    own, not the page cache of the file it maps, which the kernel can drop at any time. Its page
+    cache is warm for the epoch: it was just written, and npvae train scans the file before
+    training. extra: more options for both runs, in_memory_extra for the in-memory one (tests
+    make the runs tiny with them).
+    """
+    import tempfile
+    rows, source = _mnist_or_stand_in(data_dir)
+    rows = np.asarray(rows)
+    n = max(1000, int(gigabytes * 1e9) // rows.shape[1])
+    results = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = Path(tmp) / "big.npy"
+        try:
+            write_rows_npy(path, rows, n)
+            size = path.stat().st_size
+            disk = _train_child(path, Path(tmp) / "disk", None, threads, backend, extra)
+        finally:
+            path.unlink(missing_ok=True)   # 2 GB is not left behind; the directory goes with the with
+        if source == "mnist":
+            memory_set, memory_dir = "mnist", data_dir
+        else:   # the stand-in in memory: an .npz is read whole
+            memory_set, memory_dir = Path(tmp) / "stand-in.npz", None
+            np.savez(memory_set, x_train=rows)
+        memory = _train_child(memory_set, Path(tmp) / "memory", memory_dir, threads, backend,
+                              tuple(extra) + tuple(in_memory_extra))
+    name_memory = f"train 1 epoch in memory ({'mnist' if source == 'mnist' else 'stand-in .npz'})"
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    name_disk = f"train 1 epoch from disk ({shown} uint8 .npy, {n} rows)"
+    for name, r in ((name_memory, memory), (name_disk, disk)):
+        if isinstance(r, str):
+            results.append({"name": name, "error": r})
+        else:
+            results.append({"name": name, "examples_per_s": r[0], "anon_megabytes": r[1],
+                            "helpers_megabytes": r[2], "data": source})
+    big = results[1]
+    big["target_anon_megabytes"] = 400
+    if "error" not in results[0] and "error" not in big:
+        big["ratio_to_memory"] = big["examples_per_s"] / results[0]["examples_per_s"]
+        big["target_ratio_to_memory"] = 0.9
+    return results
 
 
 def _run_once(x_train, source, data_dir, repeats, quick, memory, threads, backend="auto"):
@@ -333,6 +425,15 @@ def format_results(results):
                          + (f"  ({r['threads']} {r.get('backend', 'threads')})" if "threads" in r else "")
                          + (f"  median of {r['runs']} runs: " + ", ".join(f"{x:.2f}" for x in r["per_run"]["ratio"])
                             if "runs" in r else ""))
+        elif "anon_megabytes" in r:
+            anon = ("not available (no RssAnon in /proc/self/status)" if r["anon_megabytes"] is None
+                    else f"{r['anon_megabytes']:.0f} MB")
+            lines.append(f"{r['name']:<44} {r['examples_per_s']:9.0f} ex/s  peak anonymous memory {anon}"
+                         + (f"  target <= {r['target_anon_megabytes']} MB" if "target_anon_megabytes" in r else "")
+                         + (f"  (helper processes {r['helpers_megabytes']:.0f} MB of it)"
+                            if r.get("helpers_megabytes") else "")
+                         + (f"; {r['ratio_to_memory']:.2f} of in memory, target >= {r['target_ratio_to_memory']}"
+                            if "ratio_to_memory" in r else ""))
         elif "megabytes" in r:
             lines.append(f"{r['name']:<44} {r['megabytes']:9.0f} MB  target <= {r['target_megabytes']} MB"
                          + (f"  (helper processes {r['helpers_megabytes']:.0f} MB of it)"

@@ -150,6 +150,43 @@ class Prepare:
         return self.rows(x, self.noise(rng))
 
 
+class PreparedRows:
+    """Stored rows x (N, D) as the model sees them, prepared a slice at a time: rows[a:b] (b - a, D).
+
+    rows[a:b] is prepare.rows(x[a:b], noise, first_row=a), which is rows a..b-1 of prepare.rows(x, noise)
+    (a binarization is keyed by row), so evaluation can walk a set larger than memory in slices and
+    score exactly the images it would score whole. np.asarray(rows) prepares them all at once.
+    rows.first(n) is the first n rows, still unread.
+    """
+
+    def __init__(self, x, prepare, noise):
+        self.x, self.prepare, self.noise = x, prepare, noise
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.prepare.dtype
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"PreparedRows are read in slices of rows (rows[a:b]), got {key!r}")
+        start, stop, _ = key.indices(self.x.shape[0])
+        return self.prepare.rows(self.x[start:stop], self.noise, start)
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def first(self, n):
+        return PreparedRows(self.x[:n], self.prepare, self.noise)
+
+
 def make_prepare(binarize, threshold, likelihood, kind, dtype):
     """A Prepare: (stored rows, rng) -> model input (B, D) of the given dtype."""
     return Prepare(binarize, threshold, likelihood, kind, dtype)

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from ..data import Rows
 from . import parallel
 from .model import SplitBatch
 
@@ -39,11 +40,31 @@ def _as_index(index, name="index"):
     return index
 
 
+def gather(x, index, out=None):
+    """x[index], read in increasing row order: stored rows x (N, D), index (B,) -> (B, D) of x's dtype.
+
+    x: an array (memory-mapped too) or a data.Rows (a split: its index is composed with this one).
+    Equals x[index] exactly, as train.reference_step reads a minibatch: the rows are read sorted,
+    so that a memory-mapped file is read forwards (each page once, in the order read-ahead
+    expects), then put back in index's order, the shuffle's, at the cost of one copy of B rows.
+    out: a (B, D) array of x's dtype to write the rows into (and return).
+    """
+    index = _as_index(index)
+    stored, rows = (x.x, x.index[index]) if isinstance(x, Rows) else (x, index)
+    order = np.argsort(rows)
+    if out is None:
+        out = np.empty((index.shape[0],) + stored.shape[1:], stored.dtype)
+    out[order] = np.take(stored, rows[order], axis=0)
+    return out
+
+
 def _minibatch(x, index, next_index=None):
     """The stored rows of a minibatch: x itself, or x[index] (index checked, and next_index if given)."""
     if next_index is not None:
         _as_index(next_index, "next_index")
-    return x if index is None else x[_as_index(index)]
+    if index is None:
+        return np.asarray(x)   # a data.Rows reads its rows here
+    return gather(x, index)
 
 
 def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backend="auto"):
@@ -52,7 +73,8 @@ def make_step(model, optimizer, prepare, objective="elbo", k=1, threads=1, backe
 
     One optimizer step on one minibatch: the whole hot path of training.
     The minibatch is the stored rows x, or with index the rows x[index] of
-    the whole set x (so that each process can gather its own share).
+    the whole set x (so that each process can gather its own share), read
+    by gather: x may be a memory-mapped array, or a data.Rows (a split of one).
     next_index, the index the next call will give with the same x, is a
     hint: on processes the step gathers those rows while it waits for its
     helpers, and the next call uses them if its x and index are the same
@@ -233,7 +255,7 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
         (else that step gathers its rows itself, and reports a bad index)."""
         B = index.shape[0]
         if n <= B <= pool["capacity"] and 0 <= index.min() and index.max() < x.shape[0]:
-            np.take(x, index, axis=0, out=pool["rows"][:B], mode="clip")   # in range: clip clips nothing
+            gather(x, index, out=pool["rows"][:B])
             pool["gathered"] = (x, index.dtype, index.tobytes())
 
     def helpers(B, kind):
@@ -266,7 +288,10 @@ def _process_step(model, optimizer, prepare, n, replicas, grad_ranges, eps_shape
 
         def fill(a, b):  # the stored rows [a, b) of the minibatch, unless the last step gathered them
             if not ready:
-                rows[a:b] = x[a:b] if index is None else x[index[a:b]]
+                if index is None:
+                    rows[a:b] = x[a:b]
+                else:
+                    gather(x, index[a:b], out=rows[a:b])
         fill(0, own)
         noise = prepare.noise(rng)
 
