@@ -166,7 +166,7 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
 
     for s in batches(N, B_):
         xb = model._as_x(x[s])                               # x is read a batch at a time
-        mu, log_sigma = model._encode(xb) if q is None else (q[0][s], q[1][s])   # each x is encoded once
+        mu, log_sigma = _encode_diagonal(model, xb) if q is None else (q[0][s], q[1][s])   # each x is encoded once
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
         yield s, mu, log_sigma, chunks(xb, mu, log_sigma, streams)
 
