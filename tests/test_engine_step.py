@@ -432,7 +432,14 @@ def _grey_step(threads, backend):
 
 
 def _children():
-    """The pids of this process's child processes (Linux)."""
+    """The pids of this process's child processes (Linux), less those that run another program.
+
+    The suite runs the demos in subprocesses in the background (conftest.py); a helper forked by the
+    engine runs this process's command line, and one that has ended unreaped (a zombie) has none:
+    both are kept.
+    """
+    with open("/proc/self/cmdline", "rb") as f:
+        me = f.read()
     pids = set()
     for task in os.listdir("/proc/self/task"):
         try:
@@ -440,7 +447,15 @@ def _children():
                 pids.update(int(p) for p in f.read().split())
         except FileNotFoundError:   # a thread that has ended since the listing
             pass
-    return pids
+    return {pid for pid in pids if _cmdline(pid) in (me, b"")}
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):   # ended and reaped since the listing
+        return None
 
 
 @pytest.mark.parametrize("threads, backend", [(1, "threads"), (2, "threads"),
