@@ -132,21 +132,25 @@ def test_resume_continues_from_the_saved_epoch_bit_for_bit(tmp_path, engine):
             assert np.array_equal(full[k], part[k]), k
 
 
-@pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, engine):
-    Trainer(tiny(epochs=3), tmp_path / "full", quiet=True, engine=engine).run()
-    t = Trainer(tiny(epochs=3), tmp_path / "cut", quiet=True, engine=engine)
-    original = t._step   # (on threads or helper processes, whichever the machine takes)
-    calls = []
+def interrupt_after(t, n_steps):
+    """Make Trainer t act on a Ctrl-C that arrives during its step number n_steps (counted from 1)."""
+    original, calls = t._step, []   # (on threads or helper processes, whichever the machine takes)
 
     def step_then_interrupt(*args, **kwargs):
         sums = original(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 17:   # in the middle of the second epoch (12 steps per epoch)
+        if len(calls) == n_steps:
             t._on_sigint(signal.SIGINT, None)
         return sums
     step_then_interrupt.session, step_then_interrupt.close = original.session, original.close
     t._step = step_then_interrupt
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, engine):
+    Trainer(tiny(epochs=3), tmp_path / "full", quiet=True, engine=engine).run()
+    t = Trainer(tiny(epochs=3), tmp_path / "cut", quiet=True, engine=engine)
+    interrupt_after(t, 17)   # in the middle of the second epoch (12 steps per epoch)
     assert t.run() == "interrupted"
     state = ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")
     assert int(state["epoch"]) == 1 and int(state["step"]) == 5 and "extra/perm" in state
@@ -217,16 +221,7 @@ def test_interrupt_and_resume_on_a_memory_mapped_set_is_exact(tmp_path, engine):
     config = dict(dataset=grey_npy(tmp_path / "grey.npy"), n_train=None, n_valid=200, batch_size=100, epochs=2)
     Trainer(tiny(**config), tmp_path / "full", quiet=True, engine=engine).run()
     t = Trainer(tiny(**config), tmp_path / "cut", quiet=True, engine=engine)
-    original, calls = t._step, []
-
-    def step_then_interrupt(*args, **kwargs):
-        sums = original(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 9:   # in the middle of the second epoch (6 steps per epoch)
-            t._on_sigint(signal.SIGINT, None)
-        return sums
-    step_then_interrupt.session, step_then_interrupt.close = original.session, original.close
-    t._step = step_then_interrupt
+    interrupt_after(t, 9)   # in the middle of the second epoch (6 steps per epoch)
     assert t.run() == "interrupted"
     assert int(ckpt.read_state(tmp_path / "cut" / "checkpoint.npz")["step"]) == 3
     Trainer.resume(tmp_path / "cut", quiet=True).run()
