@@ -127,9 +127,17 @@ def _encode_diagonal(model, x):
     return model._encode(x)
 
 
-def _encode_q(model, x, q, s):
-    """mu, log_sigma (b, Z) for the examples x[s]: the encoder's, or the given q's."""
-    return _encode_diagonal(model, x[s]) if q is None else (q[0][s], q[1][s])
+def _encode_q(model, xb, q, s):
+    """mu, log_sigma (b, Z) for the examples s, whose rows are xb (b, D): the encoder's, or the given q's."""
+    return _encode_diagonal(model, xb) if q is None else (q[0][s], q[1][s])
+
+
+def _draw_eps(streams, k, z_dim, dtype):
+    """(b, k, Z) standard normal noise, row i drawn from streams[i] (one generator per example)."""
+    eps = np.empty((len(streams), k, z_dim), dtype=dtype)
+    for e, g in zip(eps, streams):
+        g.standard_normal(dtype=dtype, out=e)
+    return eps
 
 
 def _log_px_z_samples(model, x, z):
@@ -158,15 +166,13 @@ def _sample_batches(model, x, k, seeds, q=None, batch_size=None, chunk=None):
 
     def chunks(xb, mu, log_sigma, streams):
         for start in range(0, k, K_):
-            eps = np.empty((xb.shape[0], min(K_, k - start), Z), dtype=model.dtype)
-            for e, g in zip(eps, streams):
-                g.standard_normal(dtype=model.dtype, out=e)
+            eps = _draw_eps(streams, min(K_, k - start), Z, model.dtype)
             z = dist.reparameterize(mu[:, None], log_sigma[:, None], eps)   # (b, K', Z)
             yield eps, z, _log_px_z_samples(model, xb, z)
 
     for s in batches(N, B_):
         xb = model._as_x(x[s])                               # x is read a batch at a time
-        mu, log_sigma = _encode_diagonal(model, xb) if q is None else (q[0][s], q[1][s])   # each x is encoded once
+        mu, log_sigma = _encode_q(model, xb, q, s)           # each x is encoded once
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
         yield s, mu, log_sigma, chunks(xb, mu, log_sigma, streams)
 
@@ -226,9 +232,7 @@ def _log_likelihood_sampled(model, x, k, seeds, batch_size=None, chunk=None, pro
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
         total = np.full(s.stop - s.start, -np.inf)
         for start in range(0, k, K_):
-            eps = np.empty((s.stop - s.start, min(K_, k - start), Z), dtype=model.dtype)
-            for e, g in zip(eps, streams):
-                g.standard_normal(dtype=model.dtype, out=e)
+            eps = _draw_eps(streams, min(K_, k - start), Z, model.dtype)
             z, log_q, _ = model.q.sample(mu, log_sigma, heads, model.params, eps)      # (b, K', Z), (b, K')
             log_w = (_log_px_z_samples(model, xs, z).astype(np.float64)
                      + dist.standard_normal_log_prob(z.astype(np.float64)) - log_q.astype(np.float64))
@@ -520,7 +524,7 @@ def optimize_local(model, x, steps=500, lr=0.2, rng=None, n_samples=10, n_eval=1
     mu_all, log_sigma_all = np.empty((N, Z)), np.empty((N, Z))
     trace = np.zeros(steps)
     for s in batches(N, B_):
-        mu0, log_sigma0 = _encode_q(model, x, q, s)
+        mu0, log_sigma0 = _encode_q(model, x[s], q, s)
         q_s = {"mu": mu0.astype(np.float64), "log_sigma": log_sigma0.astype(np.float64)}
         adam = Adam(q_s, lr=lr)         # updates q_s's arrays in place; the model is not touched
         average = {name: np.zeros_like(a) for name, a in q_s.items()}

@@ -339,7 +339,7 @@ def log_likelihood_of_seeds(model, x, k, seeds, batch_size=None, chunk=None, pro
     """
     from scipy.special import logsumexp
 
-    from .evaluate import batches, chunk_sizes
+    from .evaluate import _draw_eps, batches, chunk_sizes
     N = x.shape[0]
     B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
     log_px = np.empty(N)
@@ -347,9 +347,7 @@ def log_likelihood_of_seeds(model, x, k, seeds, batch_size=None, chunk=None, pro
         streams = [np.random.default_rng(seed) for seed in seeds[s]]
         total = np.full(s.stop - s.start, -np.inf)
         for start in range(0, k, K_):
-            eps = np.empty((s.stop - s.start, min(K_, k - start), model.z_dim), dtype=model.dtype)
-            for e, g in zip(eps, streams):
-                g.standard_normal(dtype=model.dtype, out=e)
+            eps = _draw_eps(streams, min(K_, k - start), model.z_dim, model.dtype)
             log_w = model.log_weights(x[s], eps).astype(np.float64)        # (b, K')
             total = np.logaddexp(total, logsumexp(log_w, axis=1))
         log_px[s] = total - math.log(k)
