@@ -96,6 +96,18 @@ def _check_q(model, q, n):
     return tuple(out)
 
 
+def _check_local_q(model, q, n):
+    """q: per-example parameters of the model's family in local_q's form, n rows each, finite."""
+    expected = {"mu", "log_sigma", *model.q.heads, *model.q.shapes}
+    if set(q) != expected:
+        raise ValueError(f"q must have the entries {sorted(expected)} of the {model.posterior!r} family "
+                         f"(evaluate.local_q), got {sorted(q)}")
+    for name, a in q.items():
+        if np.shape(a)[:1] != (n,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"q's {name} must be finite with {n} rows, got shape {np.shape(a)}")
+    return q
+
+
 def _width(model):
     """The widest layer output a pass stores per row: max(D, H)."""
     return max((model.x_dim,) + model.hidden)
@@ -201,8 +213,8 @@ def log_likelihood(model, x, k=5000, rng=None, batch_size=None, chunk=None, prog
 
 def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=None, progress=None):
     """log_likelihood's estimates for x (n, D), read a batch at a time, whose examples draw from the streams of seeds (n,)."""
-    if q is None and model.posterior != "diagonal":
-        return _log_likelihood_sampled(model, x, k, seeds, batch_size, chunk, progress)
+    if isinstance(q, dict) or (q is None and model.posterior != "diagonal"):
+        return _log_likelihood_sampled(model, x, k, seeds, q, batch_size, chunk, progress)
     log_px = np.empty(x.shape[0])
     for s, mu, log_sigma, chunks in _sample_batches(model, x, k, seeds, q, batch_size, chunk):
         total = np.full(s.stop - s.start, -np.inf)                   # log sum_k w_k so far
@@ -218,29 +230,81 @@ def log_likelihood_of_seeds(model, x, k, seeds, q=None, batch_size=None, chunk=N
     return log_px
 
 
-def _log_likelihood_sampled(model, x, k, seeds, batch_size=None, chunk=None, progress=None):
-    """log_likelihood_of_seeds with the model's own posterior family (full, a flow) as the proposal.
+def local_q(model, x):
+    """The encoder's q(z|x) for each row of x (N, D), as per-example parameters of its family (float64).
 
-    The same noise streams as _sample_batches; the family maps each eps to z and gives log q(z|x).
+    {"mu": (N, Z), "log_sigma": (N, Z), the family's heads (N, width), and its global parameters
+    copied per example (posteriors.*.per_example)}: the form q* takes when fitted to each x alone.
+    """
+    x = model._as_x(x)
+    mu, log_sigma, heads = model._encode_all(x)
+    q = {"mu": mu, "log_sigma": log_sigma, **heads, **model.q.per_example(model.params, x.shape[0])}
+    return {name: a.astype(np.float64) for name, a in q.items()}
+
+
+def _sample_local(model, q, eps):
+    """z (b, K, Z), log q(z|x) (b, K) and the family's cache, for per-example parameters q (local_q's form)."""
+    heads = {name: q[name] for name in model.q.heads}
+    params = {name: q[name] for name in model.q.shapes}
+    return model.q.sample(q["mu"], q["log_sigma"], heads, params, eps)
+
+
+def _sampled_log_weights(model, x, k, seeds, q=None, batch_size=None, chunk=None):
+    """Walk x in batches, drawing k samples of any family's q(z|x) per example in chunks of K'.
+
+    Yields (s, chunks) per batch, where chunks yields log w = log p(x|z) + log p(z) - log q(z|x)
+    (b, K') in float64. q is the encoder's unless per-example parameters q (local_q's form, N rows)
+    are given. The noise streams are _sample_batches': one per example, seeded by seeds.
     """
     N, Z = x.shape[0], model.z_dim
     B_, K_ = chunk_sizes(model, N, k, batch_size, chunk)
-    log_px = np.empty(N)
-    for s in batches(N, B_):
-        xs = model._as_x(x[s])                                            # a batch of x, read now
-        mu, log_sigma, heads = model._encode_all(xs)
-        streams = [np.random.default_rng(seed) for seed in seeds[s]]
-        total = np.full(s.stop - s.start, -np.inf)
+
+    def chunks(xb, q_b, streams):
         for start in range(0, k, K_):
-            eps = _draw_eps(streams, min(K_, k - start), Z, model.dtype)
-            z, log_q, _ = model.q.sample(mu, log_sigma, heads, model.params, eps)      # (b, K', Z), (b, K')
-            log_w = (_log_px_z_samples(model, xs, z).astype(np.float64)
-                     + dist.standard_normal_log_prob(z.astype(np.float64)) - log_q.astype(np.float64))
+            eps = _draw_eps(streams, min(K_, k - start), Z, q_b["mu"].dtype)
+            z, log_q, _ = _sample_local(model, q_b, eps)                          # (b, K', Z), (b, K')
+            log_px_z = _log_px_z_samples(model, xb, z.astype(model.dtype, copy=False))
+            yield (log_px_z.astype(np.float64) + dist.standard_normal_log_prob(z.astype(np.float64))
+                   - log_q.astype(np.float64))
+
+    for s in batches(N, B_):
+        xb = model._as_x(x[s])                                              # a batch of x, read now
+        if q is None:
+            mu, log_sigma, heads = model._encode_all(xb)                    # in the model's dtype
+            q_b = {"mu": mu, "log_sigma": log_sigma, **heads, **{n: model.params[n] for n in model.q.shapes}}
+        else:
+            q_b = {name: a[s] for name, a in q.items()}
+        streams = [np.random.default_rng(seed) for seed in seeds[s]]
+        yield s, chunks(xb, q_b, streams)
+
+
+def _log_likelihood_sampled(model, x, k, seeds, q=None, batch_size=None, chunk=None, progress=None):
+    """log_likelihood_of_seeds with the model's own posterior family (full, a flow) as the proposal.
+
+    The same noise streams as _sample_batches; the family maps each eps to z and gives log q(z|x).
+    q: per-example parameters of the family (local_q's form) instead of the encoder's.
+    """
+    log_px = np.empty(x.shape[0])
+    for s, chunks in _sampled_log_weights(model, x, k, seeds, q, batch_size, chunk):
+        total = np.full(s.stop - s.start, -np.inf)
+        for log_w in chunks:
             total = np.logaddexp(total, logsumexp(log_w, axis=1))
         log_px[s] = total - math.log(k)
         if progress is not None:
-            progress(s.stop, N)
+            progress(s.stop, x.shape[0])
     return log_px
+
+
+def _elbo_sampled(model, x, n_samples, seeds, q=None, batch_size=None, chunk=None):
+    """x (N, D) -> (N,) ELBO = E_q[log p(x|z) + log p(z) - log q(z|x)] of any family by n_samples draws.
+
+    No closed form for a flow's KL: the whole integrand is averaged over the samples. q as in
+    _sampled_log_weights.
+    """
+    elbo = np.empty(x.shape[0])
+    for s, chunks in _sampled_log_weights(model, x, n_samples, seeds, q, batch_size, chunk):
+        elbo[s] = sum(np.sum(log_w, axis=1) for log_w in chunks) / n_samples
+    return elbo
 
 
 def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None, progress=None):
@@ -260,15 +324,20 @@ def log_likelihood_prior(model, x, k=5000, rng=None, batch_size=None, chunk=None
 def elbo_estimate(model, x, q=None, n_samples=1000, rng=None, batch_size=None, chunk=None):
     """x (N, D) -> (N,) float64 ELBO = E_q[log p(x|z)] - KL(q || p(z)), the expectation by n_samples draws.
 
-    The KL is the closed form, so the only Monte Carlo error is the
-    reconstruction term's. q is the encoder's unless q = (mu, log_sigma) is given.
+    For the diagonal family the KL is the closed form, so the only Monte Carlo error is the
+    reconstruction term's. q is the encoder's unless q = (mu, log_sigma) is given. For the other
+    families (full, flows) the whole integrand log p(x|z) + log p(z) - log q(z|x) is averaged
+    over the samples (_elbo_sampled), and q may be per-example parameters in local_q's form.
     """
     n_samples = _check_positive_int("n_samples", n_samples)
     x = model._as_x(x)
     rng = _check_rng(rng)
+    seeds = _noise_seeds(rng, x.shape[0])
+    if isinstance(q, dict) or (q is None and model.posterior != "diagonal"):
+        q = None if q is None else _check_local_q(model, q, x.shape[0])
+        return _elbo_sampled(model, x, n_samples, seeds, q, batch_size, chunk)
     q = None if q is None else _check_q(model, q, x.shape[0])
     elbo = np.empty(x.shape[0])
-    seeds = _noise_seeds(rng, x.shape[0])
     for s, mu, log_sigma, chunks in _sample_batches(model, x, n_samples, seeds, q, batch_size, chunk):
         recon = sum(np.sum(log_px_z, axis=1, dtype=np.float64) for _, _, log_px_z in chunks)
         elbo[s] = recon / n_samples - dist.kl_standard_normal(mu.astype(np.float64),
@@ -496,6 +565,52 @@ def _local_elbo_and_grads(model, x, mu, log_sigma, eps):
     return elbo, dmu.sum(axis=1) - dmu_kl, dlog_sigma.sum(axis=1) - dlog_sigma_kl
 
 
+def _local_family_elbo_and_grads(model, x, q, eps):
+    """ELBO (b,) of each x's own q of the model's family, and its gradient w.r.t. every entry of q, decoder fixed.
+
+    x (b, D); q per-example parameters in local_q's form (float64); eps (b, S, Z). No closed-form KL
+    for a flow, so the whole integrand is the mean over the S samples z_s of the family's map:
+
+        elbo = 1/S sum_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)]
+        d elbo / d log p(x|z_s) = d elbo / d log p(z_s) = 1/S,  d elbo / d log q(z_s|x) = -1/S
+
+    z feeds the decoder and log p(z) (d/dz = -z): both are summed before the family's backward
+    (posteriors.*.sample_grad), which gives the gradients to mu, log_sigma, the heads and the
+    per-example flow weights. Returns (elbo, {name: d elbo / d q[name]}).
+    """
+    b, S, Z = eps.shape
+    z, log_q, cache = _sample_local(model, q, eps)                           # (b, S, Z), (b, S)
+    out_bs = _per_sample(model._decode(z.reshape(b * S, Z).astype(model.dtype, copy=False)), b, S)
+    log_px_z = model.log_px_z(x[:, None, :], out_bs)                          # (b, S)
+    elbo = np.mean(log_px_z.astype(np.float64) + dist.standard_normal_log_prob(z) - log_q, axis=1)
+
+    dlog_px_z = np.full((b, S), 1.0 / S, dtype=model.dtype)
+    dout = _all_samples(model._log_px_z_grad(dlog_px_z, x[:, None, :], out_bs), b, S)
+    dz = model._decode_backward(dout).reshape(b, S, Z).astype(np.float64)
+    dz -= z / S                                                               # through log p(z)
+    dmu, dlog_sigma, dheads, dparams = model.q.sample_grad(dz, np.full((b, S), -1.0 / S), cache)
+    return elbo, {"mu": dmu, "log_sigma": dlog_sigma, **dheads, **dparams}
+
+
+def _ascend_local(q, elbo_and_grads, steps, lr, trace, n):
+    """Adam ascent on the per-example arrays of q (in place), `steps` steps; -> the iterates' average over the second half.
+
+    elbo_and_grads() -> (elbo (b,), {name: d elbo / d q[name]}) on fresh noise. The step size decays
+    linearly from lr to lr/100; trace[t] gathers the step's mean ELBO (a sum over batches / n).
+    """
+    adam = Adam(q, lr=lr)          # updates q's arrays in place; the model is not touched
+    average = {name: np.zeros_like(a) for name, a in q.items()}
+    for t in range(steps):
+        adam.lr = lr * (1.0 - 0.99 * t / steps)
+        elbo, grads = elbo_and_grads()
+        adam.step({name: -g for name, g in grads.items()})      # Adam descends the loss -ELBO
+        trace[t] += elbo.sum() / n
+        if t >= steps // 2:
+            for name, a in q.items():
+                average[name] += a / (steps - steps // 2)
+    return average
+
+
 def optimize_local(model, x, steps=500, lr=0.2, rng=None, n_samples=10, n_eval=1000, q=None,
                    batch_size=None):
     """Fit a separate q_i = N(mu_i, diag(sigma_i^2)) to each x_i by maximizing its ELBO, decoder fixed.
@@ -519,6 +634,11 @@ def optimize_local(model, x, steps=500, lr=0.2, rng=None, n_samples=10, n_eval=1
     x = model._as_x(x)
     rng = _check_rng(rng)
     N, Z = x.shape[0], model.z_dim
+    if model.posterior != "diagonal":
+        if q is not None:
+            raise ValueError(f"q = (mu, log_sigma) is a diagonal Gaussian; the model's posterior is "
+                             f"{model.posterior!r}, whose fit starts from its encoder's q")
+        return _optimize_local_family(model, x, steps, lr, rng, n_samples, n_eval, batch_size)
     q = None if q is None else _check_q(model, q, N)
     B_ = chunk_sizes(model, N, n_samples, batch_size=batch_size, chunk=n_samples)[0]
     mu_all, log_sigma_all = np.empty((N, Z)), np.empty((N, Z))
@@ -526,20 +646,41 @@ def optimize_local(model, x, steps=500, lr=0.2, rng=None, n_samples=10, n_eval=1
     for s in batches(N, B_):
         mu0, log_sigma0 = _encode_q(model, x[s], q, s)
         q_s = {"mu": mu0.astype(np.float64), "log_sigma": log_sigma0.astype(np.float64)}
-        adam = Adam(q_s, lr=lr)         # updates q_s's arrays in place; the model is not touched
-        average = {name: np.zeros_like(a) for name, a in q_s.items()}
-        for t in range(steps):
-            adam.lr = lr * (1.0 - 0.99 * t / steps)
+
+        def elbo_and_grads():
             eps = rng.standard_normal((s.stop - s.start, n_samples, Z))
             elbo, dmu, dlog_sigma = _local_elbo_and_grads(model, x[s], q_s["mu"], q_s["log_sigma"], eps)
-            adam.step({"mu": -dmu, "log_sigma": -dlog_sigma})   # Adam descends the loss -ELBO
-            trace[t] += elbo.sum() / N
-            if t >= steps // 2:
-                for name, a in q_s.items():
-                    average[name] += a / (steps - steps // 2)
+            return elbo, {"mu": dmu, "log_sigma": dlog_sigma}
+
+        average = _ascend_local(q_s, elbo_and_grads, steps, lr, trace, N)
         mu_all[s], log_sigma_all[s] = average["mu"], average["log_sigma"]
     elbo = None if n_eval is None else elbo_estimate(model, x, (mu_all, log_sigma_all), n_eval, rng)
     return {"mu": mu_all, "log_sigma": log_sigma_all, "elbo": elbo, "trace": trace}
+
+
+def _optimize_local_family(model, x, steps, lr, rng, n_samples, n_eval, batch_size):
+    """optimize_local for a full-covariance or flow posterior: every per-example parameter of the family is fitted.
+
+    Starts from the encoder's q (local_q): mu, log_sigma, the heads (L's lower triangle, the planar
+    steps' u, w, b) and, for an IAF, a copy of every MADE per example, so q* is the best member of
+    the family for each x alone. Returns {"q": the fitted q in local_q's form, "mu", "log_sigma",
+    "elbo", "trace"}.
+    """
+    N, Z = x.shape[0], model.z_dim
+    B_ = chunk_sizes(model, N, n_samples, batch_size=batch_size, chunk=n_samples)[0]
+    fitted = {}
+    trace = np.zeros(steps)
+    for s in batches(N, B_):
+        q_s = local_q(model, x[s])
+
+        def elbo_and_grads():
+            eps = rng.standard_normal((s.stop - s.start, n_samples, Z))
+            return _local_family_elbo_and_grads(model, x[s], q_s, eps)
+
+        for name, a in _ascend_local(q_s, elbo_and_grads, steps, lr, trace, N).items():
+            fitted.setdefault(name, np.empty((N,) + a.shape[1:]))[s] = a
+    elbo = None if n_eval is None else elbo_estimate(model, x, fitted, n_eval, rng)
+    return {"q": fitted, "mu": fitted["mu"], "log_sigma": fitted["log_sigma"], "elbo": elbo, "trace": trace}
 
 
 def amortization_gaps(model, x, k=5000, rng=None, n_eval=None, steps=500, lr=0.2, n_samples=10, log_px=None):
@@ -559,19 +700,25 @@ def amortization_gaps(model, x, k=5000, rng=None, n_eval=None, steps=500, lr=0.2
       amortization_gap   elbo_optimized - elbo_encoder
       approximation_gap  log_px - elbo_optimized
       inference_gap      log_px - elbo_encoder (the sum of the two)
-    and "mean": the same names -> mean over the examples. Both ELBOs use the closed-form
-    KL and n_eval (default k) samples of the same noise (common random numbers),
-    so their difference is not drowned in Monte Carlo error.
+    and "mean": the same names -> mean over the examples. Both ELBOs use n_eval (default k)
+    samples of the same noise (common random numbers), so their difference is not drowned in
+    Monte Carlo error.
+
+    Every posterior family: q* is the family's q fitted to each x (optimize_local), and the
+    ELBOs use the closed-form KL for the diagonal family, the sampled integrand for the others
+    (elbo_estimate). For a flow, inference_gap = KL(q || p(z|x)) is then the exact gap when
+    log_px is exact (Z = 2: exact_log_likelihood), up to the ELBO's Monte Carlo error.
     """
     k = _check_positive_int("k", k)
     n_eval = k if n_eval is None else _check_positive_int("n_eval", n_eval)
     x = model._as_x(x)
     rng = _check_rng(rng)
     fitted = optimize_local(model, x, steps=steps, lr=lr, rng=rng, n_samples=n_samples, n_eval=None)
-    q_opt = (fitted["mu"], fitted["log_sigma"])
+    q_opt = fitted["q"] if model.posterior != "diagonal" else (fitted["mu"], fitted["log_sigma"])
     seed = int(rng.integers(2 ** 63))
     if log_px is None:
-        log_px = log_likelihood(model, x, k, rng, q=q_opt)
+        log_px = log_likelihood_of_seeds(model, x, k, _noise_seeds(rng, x.shape[0]), q=q_opt) if isinstance(
+            q_opt, dict) else log_likelihood(model, x, k, rng, q=q_opt)
     else:
         log_px = np.asarray(log_px, dtype=np.float64)
         if log_px.shape != (x.shape[0],):

@@ -213,7 +213,11 @@ def made_masks(z_dim, hidden, reverse):
 
 
 def iaf_step(z, p, masks):
-    """One IAF step: z (B, K, Z), p = {W1 (Z, M), b1 (M,), Wm, Ws (M, Z), bm, bs (Z,)} -> z_out, log g (B, K, Z), cache."""
+    """One IAF step: z (B, K, Z), p = {W1 (Z, M), b1 (M,), Wm, Ws (M, Z), bm, bs (Z,)} -> z_out, log g (B, K, Z), cache.
+
+    p may also hold one MADE per example, each weight with a leading B axis: W1 (B, Z, M), b1 (B, 1, M),
+    ... (the family's q fitted to each x alone, evaluate.optimize_local); the products broadcast over B.
+    """
     from scipy.special import expit, log_expit
     M1, M2 = masks
     h = np.tanh(z @ (p["W1"] * M1) + p["b1"])                  # (B, K, M)
@@ -224,8 +228,20 @@ def iaf_step(z, p, masks):
     return g * z + (1.0 - g) * m, log_expit(s), (z, h, m, g)
 
 
+def _dense_param_grads(inputs, d_out, weight):
+    """inputs (B, K, I), d_out (B, K, O) -> (dW, db) of a layer inputs @ W + b, in the shapes of W and b.
+
+    Local derivative: dW = sum over the rows that share W of inputs^T d_out, db = sum of d_out: over
+    all B K rows for one W (I, O), over each example's K rows for per-example W (B, I, O), b (B, 1, O).
+    """
+    if weight.ndim == 3:
+        return np.swapaxes(inputs, 1, 2) @ d_out, d_out.sum(axis=1, keepdims=True)
+    i2, d2 = inputs.reshape(-1, inputs.shape[-1]), d_out.reshape(-1, d_out.shape[-1])
+    return i2.T @ d2, d2.sum(axis=0)
+
+
 def iaf_step_grad(dz_out, dlog_g, p, masks, cache):
-    """dz_out (B, K, Z), dlog_g (B, K, Z) -> dz (B, K, Z), {name: d of p[name]} (masked, summed over B, K).
+    """dz_out (B, K, Z), dlog_g (B, K, Z) -> dz (B, K, Z), {name: d of p[name]} (masked, in p's shapes).
 
     Local derivative: dz_out/dz = g (direct), dz_out/dm = 1 - g, dz_out/dg = z - m,
     dg/ds = g (1 - g), dlog g/ds = 1 - g; the masked products' backward is that of a dense layer
@@ -235,14 +251,16 @@ def iaf_step_grad(dz_out, dlog_g, p, masks, cache):
     z, h, m, g = cache
     dm = dz_out * (1.0 - g)
     ds = dz_out * (z - m) * g * (1.0 - g) + dlog_g * (1.0 - g)
-    h2, dm2, ds2 = h.reshape(-1, h.shape[-1]), dm.reshape(-1, dm.shape[-1]), ds.reshape(-1, ds.shape[-1])
-    grads = {"Wm": (h2.T @ dm2) * M2, "bm": dm2.sum(axis=0), "Ws": (h2.T @ ds2) * M2, "bs": ds2.sum(axis=0)}
-    dh = dm @ (p["Wm"] * M2).T + ds @ (p["Ws"] * M2).T         # h feeds m and s: sum both
+    grads = {}
+    grads["Wm"], grads["bm"] = _dense_param_grads(h, dm, p["Wm"])
+    grads["Ws"], grads["bs"] = _dense_param_grads(h, ds, p["Ws"])
+    grads["Wm"], grads["Ws"] = grads["Wm"] * M2, grads["Ws"] * M2
+    # h feeds m and s: sum both
+    dh = dm @ np.swapaxes(p["Wm"] * M2, -1, -2) + ds @ np.swapaxes(p["Ws"] * M2, -1, -2)
     da = dh * (1.0 - h * h)
-    da2 = da.reshape(-1, da.shape[-1])
-    grads["W1"] = (z.reshape(-1, z.shape[-1]).T @ da2) * M1
-    grads["b1"] = da2.sum(axis=0)
-    dz = dz_out * g + da @ (p["W1"] * M1).T                    # z feeds z_out directly and through the MADE
+    grads["W1"], grads["b1"] = _dense_param_grads(z, da, p["W1"])
+    grads["W1"] = grads["W1"] * M1
+    dz = dz_out * g + da @ np.swapaxes(p["W1"] * M1, -1, -2)   # z feeds z_out directly and through the MADE
     return dz, grads
 
 
@@ -268,7 +286,9 @@ def iaf_flow_grad(dz, dlog_q, steps, masks, caches):
 # --- the families as the model uses them ---------------------------------------------------------
 # Each has: heads {name: width} (encoder outputs beyond mu and log_sigma), shapes {name: shape}
 # (global parameters), init(params, rng), sample(mu, log_sigma, heads, params, eps) ->
-# (z, log_q, cache) and sample_grad(dz, dlog_q, cache) -> (dmu, dlog_sigma, dheads, dparams).
+# (z, log_q, cache), sample_grad(dz, dlog_q, cache) -> (dmu, dlog_sigma, dheads, dparams) and
+# per_example(params, n) -> copies of the global parameters for each of n examples, which sample and
+# sample_grad take in their place (a q fitted to each x alone: evaluate.optimize_local).
 
 class Diagonal:
     """q = N(mu, diag(sigma^2)): no parameters beyond mu and log_sigma."""
@@ -278,6 +298,9 @@ class Diagonal:
 
     def init(self, params, rng):
         pass
+
+    def per_example(self, params, n):
+        return {}
 
     def sample(self, mu, log_sigma, heads, params, eps):
         z, log_q = diagonal_sample(mu, log_sigma, eps)
@@ -296,6 +319,9 @@ class Full:
 
     def init(self, params, rng):
         pass
+
+    def per_example(self, params, n):
+        return {}
 
     def sample(self, mu, log_sigma, heads, params, eps):
         lower = heads.get("enc.L", np.zeros((mu.shape[0], 0), dtype=mu.dtype))
@@ -327,6 +353,9 @@ class Planar:
         b[:, :Z] = np.log(np.e - 1.0) * w / np.sum(w * w, axis=1, keepdims=True)
         b[:, Z:2 * Z] = w
         b[:, 2 * Z] = 0.0
+
+    def per_example(self, params, n):
+        return {}          # u, w, b are per example already: the head's outputs
 
     def _split(self, out):
         """Head output (B, T(2Z + 1)) -> u, w (B, T, Z), b (B, T)."""
@@ -368,6 +397,11 @@ class IAF:
             p["Wm"][...] = rng.standard_normal((M, Z)) * 0.01 * M2
             p["Ws"][...] = rng.standard_normal((M, Z)) * 0.01 * M2
             p["bs"][...] = IAF_GATE_BIAS
+
+    def per_example(self, params, n):
+        """n copies of every MADE: weights (n, *shape), biases (n, 1, *shape), so they broadcast over K."""
+        return {name: np.repeat(params[name][None] if params[name].ndim == 2 else params[name][None, None], n, axis=0)
+                for name in self.shapes}
 
     def step_params(self, params, t):
         """{W1, b1, ...} of step t: views of params."""

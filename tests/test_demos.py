@@ -24,6 +24,7 @@ DEMOS = {
     "kl_directions": ["kl_directions.png"],
     "estimators": ["estimators.png"],
     "amortization": ["amortization.png"],
+    "flows": ["flows.png"],
     "inference": ["inference.png", "inference_posterior.png"],
     "shallow_vs_deep": ["shallow_vs_deep.png"],
     "reproduce_iwae": ["stages.png"],   # and its numbers: see test_reproduce_iwae_logs_stages_and_matches_eval
