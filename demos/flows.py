@@ -47,10 +47,10 @@ LR = 0.05                        # q*'s first step size (then down to LR / 100),
                                  # less than 0.2, and diagonal and full reach the same q* at 0.05 as at 0.2
 N_SAMPLES = 10                   # samples per step of the fit
 N_EVAL, QUICK_N_EVAL = 2000, 200     # samples for each ELBO (common random numbers for the encoder's and q*'s)
-GRID_N, QUICK_GRID_N = 401, 121
+GRID_N, QUICK_GRID_N = 401, 61
 PANELS = (0.5, 0.9, 0.99)        # the digits drawn: the diagonal's KL(q || p(z|x)) at these quantiles
-PANEL_N = 120                    # points per axis of each panel's grid
-DRAWS = 200_000                  # samples of q per panel, for its histogram density
+PANEL_N, QUICK_PANEL_N = 120, 60  # points per axis of each panel's grid
+DRAWS, QUICK_DRAWS = 200_000, 20_000   # samples of q per panel, for its histogram density
 MASS_LEVELS = (0.5, 0.9)
 SEED = 0
 
@@ -112,8 +112,9 @@ def main():
     args = parser.parse_args()
     quick = args.quick
     epochs, n_train = (QUICK_EPOCHS, QUICK_N_TRAIN) if quick else (EPOCHS, N_TRAIN)
-    n_images, steps, n_eval, grid_n = ((QUICK_N_IMAGES, QUICK_STEPS, QUICK_N_EVAL, QUICK_GRID_N) if quick
-                                       else (N_IMAGES, STEPS, N_EVAL, GRID_N))
+    n_images, steps, n_eval, grid_n, draws, panel_n = (
+        (QUICK_N_IMAGES, QUICK_STEPS, QUICK_N_EVAL, QUICK_GRID_N, QUICK_DRAWS, QUICK_PANEL_N) if quick
+        else (N_IMAGES, STEPS, N_EVAL, GRID_N, DRAWS, PANEL_N))
     start = time.perf_counter()
     dataset = datasets.name_or_fallback(DATASET, FALLBACK, args.data_dir)
     grid = evaluate.latent_grid(2, grid_n)
@@ -187,13 +188,13 @@ def main():
         model, x, _, gaps = models[family]
         for row, i in enumerate(picks):
             ax = axes[row, col]
-            samples = model.sample_q(x[i][None], DRAWS, rng=rng)[0][0].astype(np.float64)     # (DRAWS, 2)
+            samples = model.sample_q(x[i][None], draws, rng=rng)[0][0].astype(np.float64)     # (draws, 2)
             extent = window(model, x[i], grid, samples)
-            zz1, zz2, z = plots.grid_2d(extent, PANEL_N)
+            zz1, zz2, z = plots.grid_2d(extent, panel_n)
             post = posterior_on(model, x[i], z).reshape(zz1.shape)
             levels = [t for t in mass_thresholds(post, MASS_LEVELS) if t < post.max()] + [post.max()]
             ax.contourf(zz1, zz2, post, levels=levels, cmap="Blues")
-            q = q_density(samples, extent, PANEL_N)
+            q = q_density(samples, extent, panel_n)
             ax.contour(zz1, zz2, q, levels=mass_thresholds(q, MASS_LEVELS), colors="crimson", linewidths=1.1)
             ax.set_xticks([])
             ax.set_yticks([])
