@@ -633,7 +633,7 @@ def optimize_local(model, x, steps=500, lr=None, rng=None, n_samples=10, n_eval=
     """Fit a separate q_i = N(mu_i, diag(sigma_i^2)) to each x_i by maximizing its ELBO, decoder fixed.
 
     For a model of another posterior family, q_i is that family's, every per-example parameter
-    fitted (_optimize_local_family). Starts from the encoder's q (or q = (mu, log_sigma), each
+    fitted (_local_family_elbo_and_grads). Starts from the encoder's q (or q = (mu, log_sigma), each
     (N, Z)) and takes `steps` Adam steps on fresh-noise gradients with n_samples samples each,
     the first of size lr (default LOCAL_LR of the family).
     The noise keeps the iterates jittering around the optimum, which costs
@@ -658,53 +658,36 @@ def optimize_local(model, x, steps=500, lr=None, rng=None, n_samples=10, n_eval=
     x = model._as_x(x)
     rng = _check_rng(rng)
     N, Z = x.shape[0], model.z_dim
-    if model.posterior != "diagonal":
-        if q is not None:
-            raise ValueError(f"q must be None for a model whose posterior is {model.posterior!r}: its fit "
-                             f"starts from its encoder's q (q = (mu, log_sigma) is for the diagonal family)")
-        return _optimize_local_family(model, x, steps, lr, rng, n_samples, n_eval, batch_size)
+    diagonal = model.posterior == "diagonal"
+    if not diagonal and q is not None:
+        raise ValueError(f"q must be None for a model whose posterior is {model.posterior!r}: its fit "
+                         f"starts from its encoder's q (q = (mu, log_sigma) is for the diagonal family)")
     q = None if q is None else _check_q(model, q, N)
-    B_ = chunk_sizes(model, N, n_samples, batch_size=batch_size, chunk=n_samples)[0]
-    mu_all, log_sigma_all = np.empty((N, Z)), np.empty((N, Z))
-    trace = np.zeros(steps)
-    for s in batches(N, B_):
-        mu0, log_sigma0 = _encode_q(model, x[s], q, s)
-        q_s = {"mu": mu0.astype(np.float64), "log_sigma": log_sigma0.astype(np.float64)}
-
-        def elbo_and_grads():
-            eps = rng.standard_normal((s.stop - s.start, n_samples, Z))
-            elbo, dmu, dlog_sigma = _local_elbo_and_grads(model, x[s], q_s["mu"], q_s["log_sigma"], eps)
-            return elbo, {"mu": dmu, "log_sigma": dlog_sigma}
-
-        average = _ascend_local(q_s, elbo_and_grads, steps, lr, trace, N)
-        mu_all[s], log_sigma_all[s] = average["mu"], average["log_sigma"]
-    elbo = None if n_eval is None else elbo_estimate(model, x, (mu_all, log_sigma_all), n_eval, rng)
-    return {"q": {"mu": mu_all, "log_sigma": log_sigma_all}, "mu": mu_all, "log_sigma": log_sigma_all,
-            "elbo": elbo, "trace": trace}
-
-
-def _optimize_local_family(model, x, steps, lr, rng, n_samples, n_eval, batch_size):
-    """optimize_local for a full-covariance or flow posterior: every per-example parameter of the family is fitted.
-
-    Starts from the encoder's q (local_q): mu, log_sigma, the heads (L's lower triangle, the planar
-    steps' u, w, b) and, for an IAF, a copy of every MADE per example, so q* is the best member of
-    the family for each x alone. Returns {"q": the fitted q in local_q's form, "mu", "log_sigma",
-    "elbo", "trace"}.
-    """
-    N, Z = x.shape[0], model.z_dim
     B_ = chunk_sizes(model, N, n_samples, batch_size=batch_size, chunk=n_samples)[0]
     fitted = {}
     trace = np.zeros(steps)
     for s in batches(N, B_):
-        q_s = local_q(model, x[s])
+        if diagonal:
+            mu0, log_sigma0 = _encode_q(model, x[s], q, s)
+            q_s = {"mu": mu0.astype(np.float64), "log_sigma": log_sigma0.astype(np.float64)}
+        else:
+            # every per-example parameter of the family, starting from the encoder's: mu, log_sigma,
+            # the heads (L's lower triangle, the planar steps' u, w, b) and, for an IAF, a copy of
+            # every MADE per example, so q* is the best member of the family for each x alone
+            q_s = local_q(model, x[s])
 
         def elbo_and_grads():
             eps = rng.standard_normal((s.stop - s.start, n_samples, Z))
-            return _local_family_elbo_and_grads(model, x[s], q_s, eps)
+            if not diagonal:
+                return _local_family_elbo_and_grads(model, x[s], q_s, eps)
+            elbo, dmu, dlog_sigma = _local_elbo_and_grads(model, x[s], q_s["mu"], q_s["log_sigma"], eps)
+            return elbo, {"mu": dmu, "log_sigma": dlog_sigma}
 
         for name, a in _ascend_local(q_s, elbo_and_grads, steps, lr, trace, N).items():
             fitted.setdefault(name, np.empty((N,) + a.shape[1:]))[s] = a
-    elbo = None if n_eval is None else elbo_estimate(model, x, fitted, n_eval, rng)
+    # the diagonal q* is scored as a pair (mu, log_sigma), with the closed-form KL
+    q_opt = (fitted["mu"], fitted["log_sigma"]) if diagonal else fitted
+    elbo = None if n_eval is None else elbo_estimate(model, x, q_opt, n_eval, rng)
     return {"q": fitted, "mu": fitted["mu"], "log_sigma": fitted["log_sigma"], "elbo": elbo, "trace": trace}
 
 
