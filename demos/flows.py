@@ -66,9 +66,8 @@ def mass_thresholds(density, levels):
 def q_density(z, extent, n):
     """q(z|x) on an n x n grid over extent, from a histogram of its samples z (S, 2), lightly smoothed."""
     # bins centred on the grid's points (plots.grid_2d: n points from edge to edge of extent)
-    edges = [np.linspace(lo, hi, n) for lo, hi in (extent[:2], extent[2:])]
-    edges = [np.concatenate([e[:1] - (e[1] - e[0]) / 2, (e[1:] + e[:-1]) / 2, e[-1:] + (e[1] - e[0]) / 2])
-             for e in edges]
+    half = [(hi - lo) / (n - 1) / 2 for lo, hi in (extent[:2], extent[2:])]
+    edges = [np.linspace(lo - h, hi + h, n + 1) for (lo, hi), h in zip((extent[:2], extent[2:]), half)]
     hist, _, _ = np.histogram2d(z[:, 0], z[:, 1], bins=edges)
     return gaussian_filter(hist.T, 1.0)       # (rows = z2, cols = z1), as plots.grid_2d lays its points out
 
